@@ -50,20 +50,32 @@ scan, the closed-form MP fit), which release the GIL for nearly all their time, 
 worker thread caps its own OpenMP team at ``worker_threads`` (default 1; thread-local:
 the training thread keeps its count). It has no start-up cost, no second interpreter,
 and hands snapshots over without any copy or pickling. The overhead benchmark
-(``experiments/bench_overhead.py``, results in ``experiments/results/bench_overhead.md``)
-chose it on CPU: on 2 shared cores the thread worker cost the training about its own
-work (no amplification) and kept the hooks under 2% of training time, while the process
-worker's spawn start-up (importing torch again: seconds of CPU), its IPC and its
-interpreter competed with the training for the same cores and cost several times its
-analysis. ``worker_nice=0``: a niced thread (``worker_nice=10``) cost the training almost
-nothing on that loaded machine only because it was starved: it analysed 1 snapshot in 6
-and skipped the rest; and a niced thread that is preempted while holding the GIL stalls
-the training thread too. Raise ``worker_nice`` when losing snapshots is preferable to
-sharing the cores. On a GPU machine (training on the GPU, CPU cores mostly idle) the
-thread worker needs no start-up either; the GPU targets of the benchmark were not
-measurable in this task (no GPU). Choose ``worker="process"`` when the analysis runs
-Python-heavy code (a custom ``analyze_fn``, the reference ``powerlaw`` package): the GIL
-then makes a thread cost the training loop far more than the work itself.
+(``experiments/bench_overhead.py``; its results and the history of its runs in
+``experiments/results/bench_overhead.md``) chose both defaults on CPU (2 cores shared
+with other jobs, 1.49M-parameter MLP, 4 matrices, every_n_steps=50):
+
+* the thread worker cost the training about its own work or less (monitored minus
+  unmonitored time 0.11 to 1.31 x the analysis of the same snapshots alone, over seven
+  runs at load 0.1 to 5.6) with the hooks at 0.8-1.7% of training time; the process
+  worker had to import torch and esdwatch again (1.7-6 s, competing with the training
+  for the same cores), cost 1.3 to 2.7 x its analysis under load and skipped a third
+  of the snapshots even on a quiet machine;
+* ``worker_nice=10`` costs the training less while a core is free, but on a loaded
+  machine the niced thread is starved: it analysed 2 of 12 scheduled snapshots and
+  skipped 10 in most runs (load 1.8 and above). ``worker_nice=0`` shares the cores
+  fairly; a thread preempted while it holds the GIL would also stall the training
+  thread, which a low priority makes likelier. Raise ``worker_nice`` when skipping
+  snapshots is preferable to sharing the cores.
+
+Under ``every_n_steps="auto"`` (the default schedule), ``max_overhead=0.05``, the worker's
+CPU time was 4.5% of the training time and the slowdown measured within the run +0.035
+to +0.052 when the training shared the cores with it (load 1.2 to 2.5), about 0 when a
+core was free. On a GPU machine (training on the GPU,
+CPU cores mostly idle) the thread worker needs no start-up either; the benchmark's GPU
+targets were not measurable in this task (no GPU). Choose ``worker="process"`` when the
+analysis runs Python-heavy code (a custom ``analyze_fn``, the reference ``powerlaw``
+package): the GIL then makes a thread cost the training loop far more than the work
+itself.
 
 Backpressure
 ------------
