@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from esdwatch.spectrum import batch_eigenvalues, eigenvalues, resolve_method
+from esdwatch.spectrum import batch_eigenvalues, eigenvalues, resolve_backend, resolve_method
+
+BACKENDS = ["torch", "blas"]
 
 
 def _numpy_evals(W: np.ndarray) -> np.ndarray:
@@ -12,23 +14,24 @@ def _numpy_evals(W: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape", [(300, 100), (100, 300), (256, 256), (1000, 64)])
-@pytest.mark.parametrize("method", ["gram", "svd", "auto"])
-def test_float64_matches_numpy_svd(shape, method):
+@pytest.mark.parametrize("method,backend", [("gram", "torch"), ("gram", "blas"), ("svd", "torch"), ("auto", "auto")])
+def test_float64_matches_numpy_svd(shape, method, backend):
     rng = np.random.default_rng(0)
     W = rng.standard_normal(shape) * 0.05
     ref = _numpy_evals(W)
-    ev = eigenvalues(torch.from_numpy(W), method=method).numpy()
+    ev = eigenvalues(torch.from_numpy(W), method=method, backend=backend).numpy()
     assert ev.shape == (min(shape),)
     assert np.all(np.diff(ev) >= 0)
     assert abs(ev[-1] - ref[-1]) / ref[-1] <= 1e-10
     assert abs(ev.sum() - ref.sum()) / ref.sum() <= 1e-8
 
 
-def test_heavy_tailed_matrix_precision():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_heavy_tailed_matrix_precision(backend):
     rng = np.random.default_rng(1)
     W = rng.pareto(1.5, size=(400, 200)) * rng.choice([-1, 1], size=(400, 200))
     ref = _numpy_evals(W)
-    ev = eigenvalues(torch.from_numpy(W)).numpy()
+    ev = eigenvalues(torch.from_numpy(W), backend=backend).numpy()
     assert abs(ev[-1] - ref[-1]) / ref[-1] <= 1e-10
     assert abs(ev.sum() - ref.sum()) / ref.sum() <= 1e-8
 
@@ -38,6 +41,33 @@ def test_auto_route_by_precision():
     assert resolve_method("auto", torch.float32) == "svd"
     with pytest.raises(ValueError):
         resolve_method("qr", torch.float64)
+
+
+def test_backend_choice():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", "gram", torch.float64, cpu) == "blas"  # threadpoolctl is a dev dependency
+    assert resolve_backend("auto", "svd", torch.float32, cpu) == "torch"
+    assert resolve_backend("auto", "gram", torch.float64, torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_backend("blas", "svd", torch.float32, cpu)
+    with pytest.raises(ValueError):
+        resolve_backend("lapack", "gram", torch.float64, cpu)
+
+
+def test_backends_agree_on_a_mixed_batch():
+    gen = torch.Generator().manual_seed(3)
+    mats = [
+        torch.randn(300, 120, generator=gen),  # float32 weights
+        torch.randn(64, 200, dtype=torch.float64, generator=gen).t(),  # transposed view
+        torch.randn(9, 40, 30, generator=gen).to(torch.bfloat16),  # conv slices, bfloat16
+        torch.randn(120, 120, dtype=torch.float64, generator=gen),
+    ]
+    scales = [1.0, 1.0, 0.5**0.5, 2.0]
+    via_torch = batch_eigenvalues(mats, scales=scales, backend="torch")
+    via_blas = batch_eigenvalues(mats, scales=scales, backend="blas")
+    for a, b in zip(via_torch, via_blas):
+        assert a.dtype == b.dtype == torch.float64 and a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12 * a.max().item())
 
 
 def test_float32_opt_in_is_close():
@@ -57,16 +87,20 @@ def test_low_precision_weights_are_upcast(dtype):
     np.testing.assert_allclose(ev.numpy(), ref, rtol=1e-9, atol=1e-9 * ref.max())
 
 
-def test_non_contiguous_and_transposed_views():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_transposed_views(backend):
     base = torch.randn(64, 200, dtype=torch.float64)
     view = base.t()  # non-contiguous 200 x 64
     assert not view.is_contiguous()
-    np.testing.assert_allclose(eigenvalues(view).numpy(), eigenvalues(base.contiguous()).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        eigenvalues(view, backend=backend).numpy(), eigenvalues(base.contiguous()).numpy(), rtol=1e-12
+    )
 
 
-def test_stack_pools_slices_and_scale():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stack_pools_slices_and_scale(backend):
     S = torch.randn(9, 80, 60, dtype=torch.float64)
-    pooled = eigenvalues(S, scale=2.0).numpy()
+    pooled = eigenvalues(S, scale=2.0, backend=backend).numpy()
     parts = np.sort(np.concatenate([_numpy_evals(s.numpy()) for s in S]))
     assert pooled.shape == (9 * 60,)
     np.testing.assert_allclose(pooled, 4.0 * parts, rtol=1e-9, atol=1e-9 * parts.max())
@@ -80,10 +114,11 @@ def test_batching_same_shapes_equals_one_by_one():
         torch.testing.assert_close(b, s, rtol=1e-10, atol=1e-12)
 
 
-def test_rank_deficient_gives_no_negative_eigenvalues():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_deficient_gives_no_negative_eigenvalues(backend):
     u = torch.randn(100, 1, dtype=torch.float64)
     v = torch.randn(1, 80, dtype=torch.float64)
-    ev = eigenvalues(u @ v)
+    ev = eigenvalues(u @ v, backend=backend)
     assert (ev >= 0).all()
     assert ev[-1] > 0 and (ev[:-1] < 1e-10 * ev[-1]).all()
 
@@ -102,3 +137,32 @@ def test_cuda_tensor_stays_on_device():
     assert ev.device.type == "cuda"
     ref = _numpy_evals(W.cpu().numpy())
     assert abs(ev[-1].item() - ref[-1]) / ref[-1] <= 1e-10
+
+
+def test_blas_pool_follows_the_calling_threads_torch_count():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from esdwatch.spectrum import _blas_threads
+
+    torch.set_num_threads(1)  # the suite's fixture restores the count
+    with _blas_threads(torch.get_num_threads()):
+        counts = {info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"}
+    assert counts == {1}
+
+
+def test_blas_thread_pool_gives_the_serial_results():
+    gen = torch.Generator().manual_seed(5)
+    mats = [torch.randn(n, 64, generator=gen, dtype=torch.float64) for n in (64, 300, 128, 500, 64)]
+    serial = batch_eigenvalues(mats, backend="blas")
+    torch.set_num_threads(2)  # T > 1: matrices spread over a pool of Python threads
+    pooled = batch_eigenvalues(mats, backend="blas")
+    for a, b in zip(serial, pooled):
+        assert torch.equal(a, b)
+
+
+def test_blas_backend_hands_large_grams_to_torch(monkeypatch):
+    import esdwatch.spectrum as spectrum
+
+    W = torch.randn(200, 90, dtype=torch.float64)
+    lapack_route = spectrum.eigenvalues(W, backend="blas")
+    monkeypatch.setattr(spectrum, "LAPACK_EIGVALSH_MAX_M", 64)  # 90 > 64: torch's eigvalsh
+    torch.testing.assert_close(spectrum.eigenvalues(W, backend="blas"), lapack_route, rtol=1e-12, atol=1e-12)
