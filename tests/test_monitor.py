@@ -316,6 +316,81 @@ def test_sinks_get_records_in_step_order_on_the_calling_thread_and_a_broken_sink
     assert set(mon.latest_summary) >= {"alpha", "alpha_weighted", "stable_rank", "entropy"}
 
 
+class _Keep:
+    """A sink that keeps every record it receives (with its eigenvalues)."""
+
+    def __init__(self):
+        self.records = []
+
+    def write(self, records, step):
+        self.records += records
+
+    def alarm(self, alarm):
+        pass
+
+    def close(self):
+        pass
+
+
+def _run_plain(model, mon, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon.start()
+    for step in range(1, steps + 1):
+        _train_step(model, opt, step)
+        mon.step(step)
+    mon.close()
+
+
+def test_keep_evals_writes_the_spectra_next_to_the_records_without_a_sink_argument(tmp_path):
+    from esdwatch.sinks.metrics_logger import log10_histogram
+    from esdwatch.sinks.spectra import SpectraSink, read_spectra
+
+    keep = _Keep()
+    model = _mlp()
+    mon = Monitor(model, every_n_steps=5, at_start=True, keep_evals=True, log_dir=tmp_path, sinks=[keep],
+                  on_backpressure="block", **OPTS)
+    assert mon.sinks == [keep]  # added when the outputs open, in the output directory (known by then)
+    _run_plain(model, mon, 12)
+    assert [type(s) for s in mon.sinks] == [_Keep, SpectraSink]
+    out = tmp_path / "esdwatch"
+    records = read_records(out)
+    spectra = read_spectra(out)
+    assert list(spectra) == [(r.global_step, r.name) for r in records] == [
+        (s, n) for s in (0, 5, 10, 12) for n in ("0", "2")]
+    # each line is the log10 histogram of that snapshot's eigenvalues, as the sinks received them
+    assert len((out / "spectra.jsonl").read_text().splitlines()) == 8
+    for rec in keep.records:
+        want, got = log10_histogram(rec.report.evals), spectra[(rec.global_step, rec.name)]
+        assert got.counts.tolist() == want.counts.tolist() and got.num == rec.report.num_evals == rec.report.M
+        assert (got.lo, got.hi, got.num_floor) == (pytest.approx(want.lo), pytest.approx(want.hi), want.num_floor)
+    # without keep_evals there are no eigenvalues, hence no spectra file
+    plain = Monitor(_mlp(), every_n_steps=5, log_dir=tmp_path / "plain", on_backpressure="block", **OPTS)
+    _run_plain(plain.model, plain, 6)
+    assert (tmp_path / "plain" / "esdwatch" / "records.jsonl").exists()
+    assert not (tmp_path / "plain" / "esdwatch" / "spectra.jsonl").exists() and plain.sinks == []
+
+
+def test_a_spectra_sink_given_by_the_user_is_the_only_one(tmp_path):
+    from esdwatch.sinks.spectra import SpectraSink, read_spectra
+
+    # the user's sink writes to the monitor's own directory: one line per (step, layer), not two
+    own = SpectraSink(tmp_path / "esdwatch", bins=16)
+    mon = Monitor(_mlp(), every_n_steps=3, keep_evals=True, log_dir=tmp_path, sinks=[own],
+                  on_backpressure="block", **OPTS)
+    _run_plain(mon.model, mon, 7)
+    assert mon.sinks == [own]
+    lines = [json.loads(x) for x in (tmp_path / "esdwatch" / "spectra.jsonl").read_text().splitlines()]
+    assert [(d["global_step"], d["name"]) for d in lines] == [(s, n) for s in (3, 6, 7) for n in ("0", "2")]
+    assert all(len(d["counts"]) == 16 for d in lines)  # the user's bins, not the default 64
+    # ... or elsewhere: then the monitor's directory gets none
+    elsewhere = SpectraSink(tmp_path / "mine")
+    mon = Monitor(_mlp(), every_n_steps=3, keep_evals=True, log_dir=tmp_path / "run2", sinks=[elsewhere],
+                  on_backpressure="block", **OPTS)
+    _run_plain(mon.model, mon, 4)
+    assert not (tmp_path / "run2" / "esdwatch" / "spectra.jsonl").exists()
+    assert sorted(read_spectra(tmp_path / "mine")) == [(s, n) for s in (3, 4) for n in ("0", "2")]
+
+
 def test_auto_interval_formula_and_auto_mode(tmp_path, caplog):
     assert auto_interval(0.5, 0.1, 0.01, 0.05) == 1000  # the budget binds: 0.5 / (0.05 * 0.01)
     assert auto_interval(0.01, 1.0, 0.01, 0.05) == 125  # the worker's wall time binds: 1.25 * 1.0 / 0.01

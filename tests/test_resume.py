@@ -1,4 +1,8 @@
-"""Resuming from a checkpoint: the schedule, the alarm counters and exactly one record per (step, layer)."""
+"""Resuming from a checkpoint: the schedule, the alarm counters and exactly one record per (step, layer).
+
+Single-process runs; the same under ``ddp_spawn`` is in test_ddp.py. The model, its data
+and the Trainer come from ``_lightning_helpers``.
+"""
 
 from __future__ import annotations
 
@@ -7,77 +11,37 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 L = pytest.importorskip("lightning.pytorch")
 
 from esdwatch.lightning import ESDMonitor  # noqa: E402
 from esdwatch.sinks.jsonl import read_alarms, read_records, read_segments  # noqa: E402
+from esdwatch.sinks.spectra import read_spectra  # noqa: E402
+
+import _lightning_helpers as H  # noqa: E402
 
 OPTS = dict(min_evals=8, traps=False, logger_sinks=False, on_backpressure="block")
 LAYERS = ("net.0", "net.2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class Net(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        x, y = torch.randn(256, 24, generator=g), torch.randint(0, 4, (256,), generator=g)
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-
-
-class CollapseNet2(L.Callback):
-    """Projects net.2 onto a fixed rank-2 subspace after every optimizer step."""
-
-    def __init__(self):
-        torch.manual_seed(1)
-        basis, _ = torch.linalg.qr(torch.randn(32, 2))
-        self.proj = basis @ basis.T
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        with torch.no_grad():
-            w = pl_module.net[2].weight
-            w.copy_(w @ self.proj)
-
-
 def _fit(root: Path, max_steps: int, ckpt_path=None, logger=False, extra=(), **monitor_kwargs):
+    """One fit of the shared tiny model, snapshots every 4 steps, a checkpoint every 10."""
     cb = ESDMonitor(every_n_steps=4, **{**OPTS, **monitor_kwargs})
     ckpt = L.callbacks.ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=10, save_top_k=-1,
                                        filename="{step}")
-    trainer = L.Trainer(max_steps=max_steps, callbacks=[*extra, cb, ckpt], logger=logger,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
-                        accelerator="cpu", devices=1)
-    trainer.fit(Net(), ckpt_path=ckpt_path)
+    trainer = H.trainer(root, [*extra, cb, ckpt], max_steps=max_steps, logger=logger, enable_checkpointing=True)
+    trainer.fit(H.net(), ckpt_path=ckpt_path)
     return trainer, cb
 
 
 def test_resume_from_a_checkpoint_continues_at_the_next_scheduled_step(tmp_path):
-    _, cb1 = _fit(tmp_path, 20, at_start=True)  # the run that "crashed" after step 20
+    _, cb1 = _fit(tmp_path, 20, at_start=True, keep_evals=True)  # the run that "crashed" after step 20
     out = tmp_path / "esdwatch"
     assert sorted({r.global_step for r in read_records(out)}) == [0, 4, 8, 12, 16, 20]
     state = torch.load(tmp_path / "ckpt" / "step=10.ckpt", weights_only=False)["callbacks"][cb1.state_key]
     assert (state["last_step"], state["last_snapshot_step"], state["segment"]) == (10, 8, 0)
 
-    trainer, cb2 = _fit(tmp_path, 26, ckpt_path=tmp_path / "ckpt" / "step=10.ckpt", at_start=True)
+    trainer, cb2 = _fit(tmp_path, 26, ckpt_path=tmp_path / "ckpt" / "step=10.ckpt", at_start=True, keep_evals=True)
     assert trainer.global_step == 26 and cb2.monitor.segment == 1
     records = read_records(out)
     got = [(r.global_step, r.name, r.segment) for r in records]
@@ -88,6 +52,9 @@ def test_resume_from_a_checkpoint_continues_at_the_next_scheduled_step(tmp_path)
     assert [(s["segment"], s["resumed_from_step"]) for s in read_segments(out)] == [(0, None), (1, 10)]
     for line in (out / "records.jsonl").read_text().splitlines():
         json.loads(line)
+    # keep_evals: spectra.jsonl follows the same segment rules, one histogram per (step, layer)
+    assert list(read_spectra(out)) == [(s, n) for s, n, _ in expected]
+    assert len((out / "spectra.jsonl").read_text().splitlines()) == len(raw)  # written alongside every record
 
 
 def test_a_shorter_resumed_run_supersedes_everything_the_old_run_wrote_after_the_checkpoint(tmp_path):
@@ -98,9 +65,11 @@ def test_a_shorter_resumed_run_supersedes_everything_the_old_run_wrote_after_the
 
 
 def test_alarm_patience_counters_survive_the_resume(tmp_path):
-    kw = dict(alarm_patience={"rank_collapse": 3}, extra=[CollapseNet2()])
-    _fit(tmp_path, 20, **kw)
-    _fit(tmp_path, 14, ckpt_path=tmp_path / "ckpt" / "step=10.ckpt", **kw)
+    def kw():  # net.2 projected onto a fixed rank-2 subspace after every optimizer step
+        return dict(alarm_patience={"rank_collapse": 3}, extra=[H.after_step(H.collapse_from(1))])
+
+    _fit(tmp_path, 20, **kw())
+    _fit(tmp_path, 14, ckpt_path=tmp_path / "ckpt" / "step=10.ckpt", **kw())
     lines = [json.loads(x) for x in (tmp_path / "esdwatch" / "alarms.jsonl").read_text().splitlines()]
     fired = [(d["segment"], d["step"]) for d in lines if d["kind"] == "rank_collapse"]
     # run 1: collapsed at 4, 8, 12 -> fires at 12. Run 2 restored the count (2, from 4 and 8) at step 10,
@@ -111,10 +80,15 @@ def test_alarm_patience_counters_survive_the_resume(tmp_path):
 
 def test_resuming_into_a_new_logger_version_carries_the_history_over(tmp_path):
     csv = L.loggers.CSVLogger
-    _fit(tmp_path, 20, logger=csv(str(tmp_path), name="run"))
-    _fit(tmp_path, 18, ckpt_path=tmp_path / "ckpt" / "step=10.ckpt", logger=csv(str(tmp_path), name="run"))
+    _fit(tmp_path, 20, logger=csv(str(tmp_path), name="run"), keep_evals=True)
+    _fit(tmp_path, 18, ckpt_path=tmp_path / "ckpt" / "step=10.ckpt", logger=csv(str(tmp_path), name="run"),
+         keep_evals=True)
     old, new = tmp_path / "run" / "version_0" / "esdwatch", tmp_path / "run" / "version_1" / "esdwatch"
     assert sorted({r.global_step for r in read_records(old)}) == [4, 8, 12, 16, 20]  # untouched
     got = sorted({(r.global_step, r.segment) for r in read_records(new)})
     assert got == [(4, 0), (8, 0), (12, 1), (16, 1), (18, 1)]  # complete on its own
     assert len(read_records(new)) == 2 * len(got)
+    # the spectra came along: the history's up to the checkpoint, then the resumed run's own
+    assert list(read_spectra(new)) == [(r.global_step, r.name) for r in read_records(new)]
+    assert read_spectra(new)[(8, "net.2")].counts.tolist() == read_spectra(old)[(8, "net.2")].counts.tolist()
+    assert sorted(read_spectra(old)) == sorted((r.global_step, r.name) for r in read_records(old))

@@ -216,3 +216,16 @@ def test_analyze_matrix_runs_traps_by_default():
     assert clean.num_traps == 0 and clean.trap_entries == ""
     off = analyze_matrix(gaussian(7), traps=False)
     assert off.num_traps == -1 and math.isnan(off.rand_distance)
+
+
+def test_largest_entries_of_a_transposed_view_name_the_same_positions():
+    gen = torch.Generator().manual_seed(11)
+    stored = torch.randn(40, 90, generator=gen)
+    stored[3, 70], stored[25, 5] = 40.0, -35.0  # far from the mean on both sides
+    view = stored.t()  # the oriented (N >= M) view the analyzer passes
+    assert not view.is_contiguous()
+    from_view = largest_entries(view, 2)
+    from_copy = largest_entries(view.contiguous(), 2)
+    assert [(e.row, e.col, e.value) for e in from_view] == [(e.row, e.col, e.value) for e in from_copy]
+    assert [(e.row, e.col) for e in from_view] == [(70, 3), (5, 25)]
+    assert from_view[0].zscore > 10 and from_view[1].zscore < -10

@@ -16,8 +16,9 @@ reads exactly as the monitor's own history. Writes into ``--output`` (default
 
 Every file is written to a temporary name and renamed into place, so the report can be
 regenerated while a browser shows it. The ESD panels draw the histogram of
-``spectra.jsonl`` (:class:`esdwatch.sinks.spectra.SpectraSink`, which needs
-``keep_evals=True``); without it they show the fitted MP and power-law curves only.
+``spectra.jsonl`` (written next to the records by the monitor when ``keep_evals=True``,
+:class:`esdwatch.sinks.spectra.SpectraSink`); without it they show the fitted MP and
+power-law curves only.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def build_report(
     if not spectra:
         parts.append('<p class="note">This run recorded no spectra (<code>spectra.jsonl</code>): the panels show the '
                      "fitted Marchenko-Pastur and power-law curves only. Record them with <code>keep_evals=True</code> "
-                     "and <code>esdwatch.sinks.SpectraSink</code>.</p>")
+                     "(the monitor then writes <code>spectra.jsonl</code> next to the records).</p>")
     first_of: dict[str, LayerRecord] = {}
     last_of: dict[str, LayerRecord] = {}
     for rec in records:

@@ -32,7 +32,10 @@ apart; the stop decision is reduced with ``trainer.strategy.reduce_boolean_decis
 every rank at the same hooks (scheduled steps and epoch ends), never inside
 rank-zero-only code. Records go to ``<log_dir>/esdwatch/records.jsonl`` with
 ``log_dir`` the first logger's ``log_dir`` (else its ``save_dir``, else the Trainer's
-``default_root_dir``), found by attribute, not by logger class. Model-level averages are
+``default_root_dir``), found by attribute, not by logger class; a named monitor writes
+``<log_dir>/esdwatch/<name>/`` and its logger sinks tag everything ``esdwatch/<name>/...``
+(its ``name`` is passed to :func:`esdwatch.sinks.sinks_for_loggers`), so several monitors
+share a Trainer and its loggers without overwriting each other. Model-level averages are
 logged with ``pl_module.log`` as ``esdwatch/summary/<metric>`` (not sent to the loggers:
 the sinks write the real time series), so ``ModelCheckpoint(monitor=...)`` and
 ``EarlyStopping`` can use them.
@@ -100,7 +103,8 @@ class ESDMonitorBase:
         mp_fit: fit the Marchenko-Pastur bulk.
         phases: classify each layer's training phase.
         traps: run the correlation-trap test.
-        keep_evals: hand the eigenvalues to the sinks (spectra plots).
+        keep_evals: hand the eigenvalues to the sinks (spectra plots) and write their histograms to
+            spectra.jsonl next to records.jsonl, for esdwatch report (a SpectraSink in sinks replaces that one).
         worker: "thread" (default; chosen by experiments/bench_overhead.py, see esdwatch.monitor) or "process".
         max_pending: snapshots in flight at most.
         on_backpressure: "skip" (count and skip a snapshot while the worker is busy) or "block".
@@ -113,7 +117,9 @@ class ESDMonitorBase:
         alarm_actions: per alarm kind: "log", "warn", "stop" or a callable (trainer, alarm) -> None.
         phase_transitions: emit informational phase_transition alarms.
         log_dir: output directory (default: the first logger's log_dir, else default_root_dir).
-        name: distinguishes two monitors (state key, output sub-directory, summary keys).
+        name: distinguishes two monitors on one Trainer (state key, output sub-directory
+            ``esdwatch/<name>/``, summary keys and logger tags ``esdwatch/<name>/...``); two
+            monitors with the same log_dir need distinct names (an error at setup otherwise).
         sinks: extra sinks (objects with write(records, step), alarm(alarm), close()).
         logger_sinks: also build sinks for the Trainer's loggers (esdwatch.sinks.sinks_for_loggers).
         sink_options: keyword options for those sinks (figure_every, hist_bins, ...), passed to
@@ -261,8 +267,14 @@ class ESDMonitorBase:
             if self.sink_options:
                 log.warning("esdwatch: sink_options given but esdwatch.sinks.sinks_for_loggers is not available")
             return []
+        # the monitor's name reaches the sinks, so two monitors on one logger write under
+        # esdwatch/<name>/..., as their records (esdwatch/<name>/) and summaries do; an explicit
+        # sink_options name or prefix wins
+        options = dict(self.sink_options)
+        if self.name and "name" not in options:
+            options["name"] = self.name
         try:
-            return list(factory(list(getattr(trainer, "loggers", None) or []), **self.sink_options))
+            return list(factory(list(getattr(trainer, "loggers", None) or []), **options))
         except TypeError as exc:  # an unknown sink option: the user's configuration error
             if self.sink_options:
                 raise ValueError(f"esdwatch: bad sink_options {self.sink_options}: {exc}") from exc
@@ -271,6 +283,27 @@ class ESDMonitorBase:
             log.warning("esdwatch: could not build sinks for the loggers (%s: %s); records still go to records.jsonl",
                         type(exc).__name__, exc)
             return []
+
+    def _check_distinct(self, trainer: Any) -> None:
+        """Refuse a second monitor that would write to this one's output directory.
+
+        Two unnamed monitors with the same ``log_dir`` (Lightning accepts them when other
+        arguments make their ``state_key`` differ) would share ``esdwatch/records.jsonl``:
+        the second opens it as a fresh run segment, which supersedes every record of the
+        first for every reader, and their logger tags would collide too. Raised on every
+        rank, at ``setup``, before anything is written.
+        """
+        def where(cb: ESDMonitorBase) -> tuple[Optional[str], Optional[str]]:
+            return (None if cb.log_dir is None else str(cb.log_dir).rstrip("/"), cb.name)
+
+        mine = where(self)
+        for cb in getattr(trainer, "callbacks", None) or []:
+            if cb is not self and isinstance(cb, ESDMonitorBase) and where(cb) == mine:
+                raise ValueError(
+                    f"esdwatch: two ESDMonitor callbacks would write to the same output directory "
+                    f"(log_dir={mine[0]!r}, name={mine[1]!r}) and to the same logger tags; give each a distinct "
+                    f"name= (records go to <log_dir>/esdwatch/<name>/, tags to esdwatch/<name>/...)"
+                )
 
     def _active(self, trainer: Any) -> bool:
         return self._monitor is not None and not self._disabled and not getattr(trainer, "sanity_checking", False)
@@ -308,6 +341,7 @@ class ESDMonitorBase:
         if self._monitor is not None:  # a previous fit that never tore down
             self._monitor.close(final=False)
             self._monitor = None
+        self._check_distinct(trainer)
         self._disabled = bool(getattr(trainer, "fast_dev_run", False))
         if self._disabled:
             if getattr(trainer, "is_global_zero", True):

@@ -101,6 +101,15 @@ name and step; training continues. ``strict=True`` re-raises it (as
 Non-finite weights are an alarm (``non_finite``, stop by default), their record is kept.
 A model with no analyzable layer gets one :class:`EsdwatchWarning` and training continues.
 
+Spectra
+-------
+``keep_evals=True`` hands each layer's eigenvalues to the sinks and also writes them, as
+compact log10 histograms, to ``spectra.jsonl`` next to ``records.jsonl``
+(:class:`~esdwatch.sinks.spectra.SpectraSink`, added by the writer when it opens its
+outputs unless ``sinks`` already holds one), so ``esdwatch report`` draws each layer's
+ESD without extra wiring: the eigenvalues are in hand anyway, and a few hundred bytes per
+layer and snapshot keep the picture after the run (``records.jsonl`` holds scalars only).
+
 State
 -----
 :meth:`state_dict` / :meth:`load_state_dict` keep the schedule position, the last
@@ -161,6 +170,7 @@ from .layers import LayerMatrix, find_layers
 from .records import LayerRecord
 from .report import STATUS_FAILED, SkippedLayer, summarize
 from .sinks.jsonl import RECORDS_FILE, JsonlSink, copy_history, next_segment
+from .sinks.spectra import SpectraSink, copy_spectra
 from .snapshot import BufferPool
 from .worker import WORKER_KINDS, AnalyzeFn, Executor, Job, Result, make_executor
 
@@ -244,7 +254,8 @@ class Monitor:
     dtype, device, method, mp_fit, phases, traps, keep_evals, xmin, xmax, fix_fingers, seed:
         Analysis options (:class:`esdwatch.analyzer.AnalysisConfig`); ``dtype`` is
         ``"float64"`` or ``"float32"``; ``device="cuda"`` analyses on the GPU (side stream,
-        thread worker only); ``keep_evals`` hands each layer's eigenvalues to the sinks.
+        thread worker only); ``keep_evals`` hands each layer's eigenvalues to the sinks
+        and writes ``spectra.jsonl`` (module docstring, "Spectra").
     worker, max_pending, on_backpressure, drain_timeout, worker_nice, worker_threads:
         The executor (module docstring). ``drain_timeout``: seconds to wait for pending
         analyses at the end, at a checkpoint and after an exception.
@@ -260,7 +271,9 @@ class Monitor:
         Distinguishes two monitors on one model (sub-directory, summary keys).
     sinks:
         Objects with ``write(records, step)``, ``alarm(alarm)``, ``close()``
-        (:class:`esdwatch.sinks.base.Sink`), called on this thread in step order.
+        (:class:`esdwatch.sinks.base.Sink`), called on this thread in step order. A
+        :class:`~esdwatch.sinks.spectra.SpectraSink` given here replaces the one
+        ``keep_evals`` adds.
     strict:
         Re-raise analysis and sink failures on the training thread.
     rank, world_size:
@@ -599,12 +612,16 @@ class Monitor:
             prev = Path(self._prev_dir)
             if (prev / RECORDS_FILE).exists() and not (out / RECORDS_FILE).exists():
                 n = copy_history(prev, out, self._resumed_from)
+                copy_spectra(prev, out, self._resumed_from)
                 log.info("esdwatch: resumed into %s: copied %d records up to step %d from %s", out, n, self._resumed_from, prev)
         segment = next_segment(out)
         if self._resumed_from is not None:
             segment = max(segment, self.segment)
         self.segment = segment
         self._jsonl = JsonlSink(out, segment=segment, resumed_from_step=self._resumed_from).open()
+        if self.config.keep_evals and not any(isinstance(s, SpectraSink) for s in self.sinks):
+            # the eigenvalues are kept: keep their histograms for `esdwatch report` too (module docstring)
+            self.sinks.append(SpectraSink(out))
 
     def start(self, global_step: int = 0, epoch: int = 0, *, continuing: bool | None = None) -> None:
         """Open the outputs, start the worker and take the ``at_start`` baseline (step 0).

@@ -21,40 +21,66 @@ Two backends carry out the Gram route:
 
 * ``"torch"``: same-shape matrices are stacked and decomposed in one batched
   ``W^T W`` + ``eigvalsh`` call on the weights' device. This is the path on the GPU.
-* ``"blas"`` (CPU, float64 Gram route only): each matrix goes through numpy/scipy's BLAS
-  and LAPACK: W^T W as a *symmetric rank-k update* (numpy's matmul dispatches ``A.T @ A``
-  to ``dsyrk``, which computes one triangle: half the flops of the general matrix product
-  torch uses, as torch exposes no syrk) and ``dsyevr`` for the eigenvalues of Gram
-  matrices up to ``LAPACK_EIGVALSH_MAX_M`` (torch's ``eigvalsh`` above). Measured on
-  the 2-core CPU this project is benchmarked on (one thread, all-MiniLM-L6-v2's 39
-  matrices): Gram 0.40 s with torch versus 0.2 s, eigenvalues 0.35 s versus 0.27 s,
-  float32 -> float64 casts 0.17 s versus 0.02 s (torch allocates and faults in a fresh
-  buffer each time). Results agree with the torch backend to rounding (1e-15 relative).
-  The BLAS thread pool is capped at ``torch.get_num_threads()`` of the calling thread
-  while it runs (through ``threadpoolctl``), so a monitor's worker thread capped at one
-  thread stays at one thread. Without ``threadpoolctl`` installed, ``"auto"`` keeps torch.
+* ``"blas"`` (CPU, float64 Gram route only): each matrix is cast to float64 by numpy
+  (reading the torch storage in place), its Gram matrix W^T W formed as a *symmetric
+  rank-k update* (numpy's matmul dispatches ``A.T @ A`` to BLAS ``dsyrk``, which computes
+  one triangle: half the flops of the general product torch uses, as torch exposes no
+  syrk) and its eigenvalues taken by ``torch.linalg.eigvalsh`` on that array (no copy).
+  With T = ``torch.get_num_threads()`` above 1, T Python threads take whole matrices,
+  largest first, each with single-threaded kernels: a model's many small eigenproblems
+  (a 384 x 384 ``eigvalsh`` takes ~10 ms, mostly memory-bound BLAS-2 work) scale far
+  better across matrices than inside one. Every kernel on this path releases the GIL
+  (LAPACK through scipy does not, so it is not used: a monitor's worker thread must
+  never hold the training thread's interpreter for milliseconds). Measured on the
+  2-core CPU this project is benchmarked on, all-MiniLM-L6-v2's 39 matrices: the Gram
+  matrices take 0.40 s with torch versus 0.2 s, the float32 -> float64 casts 0.17 s versus
+  0.02 s (torch allocates and faults in a fresh buffer for each). Results agree with the
+  torch backend to rounding (1e-15 relative). The BLAS pool is capped at the caller's
+  torch thread count while it runs (``esdwatch.threads``, through ``threadpoolctl``), so
+  a monitor's worker thread capped at one thread stays at one thread; without
+  ``threadpoolctl`` installed, ``"auto"`` keeps torch.
 
 ``backend="auto"`` picks ``"blas"`` for float64 Gram work on the CPU and ``"torch"``
 otherwise.
+
+An entry of a batch may be a :class:`DeferredMatrix`: a recipe (e.g. the trap test's
+randomization of a weight) that the backend runs where it decomposes the matrix, so
+that on the BLAS backend the recipes also run in parallel and each product is freed as
+soon as its eigenvalues are known.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections import defaultdict
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import torch
 
+from .threads import blas_control_available, limit_blas_threads, limit_openmp_threads
+
 Method = Literal["auto", "gram", "svd"]
 Backend = Literal["auto", "torch", "blas"]
 
-__all__ = ["eigenvalues", "batch_eigenvalues", "resolve_method"]
+__all__ = ["eigenvalues", "batch_eigenvalues", "iter_eigenvalues", "resolve_method", "resolve_backend", "DeferredMatrix"]
 
-_BLAS_CONTROLLER: object | None = None
-_BLAS_LOCK = threading.Lock()
+
+@dataclass(frozen=True)
+class DeferredMatrix:
+    """A matrix to be built from ``source`` (same shape and device) when it is decomposed.
+
+    ``make(source)`` returns the matrix, e.g. ``lambda W: randomize_matrix(W, seed)``.
+    """
+
+    source: torch.Tensor
+    make: Callable[[torch.Tensor], torch.Tensor]
+
+    def materialize(self) -> torch.Tensor:
+        return self.make(self.source)
+
+
+MatrixLike = Union[torch.Tensor, DeferredMatrix]
 
 
 def resolve_method(method: Method, dtype: torch.dtype) -> Literal["gram", "svd"]:
@@ -66,20 +92,6 @@ def resolve_method(method: Method, dtype: torch.dtype) -> Literal["gram", "svd"]
     return method
 
 
-def _blas_controller():
-    """A cached ``threadpoolctl.ThreadpoolController`` (None when threadpoolctl is absent)."""
-    global _BLAS_CONTROLLER
-    if _BLAS_CONTROLLER is None:
-        try:
-            import scipy.linalg  # noqa: F401 - load scipy's own BLAS before the controller scans
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _BLAS_CONTROLLER = False
-        else:
-            _BLAS_CONTROLLER = ThreadpoolController()
-    return _BLAS_CONTROLLER or None
-
-
 def resolve_backend(backend: Backend, route: str, dtype: torch.dtype, device: torch.device) -> Literal["torch", "blas"]:
     """The concrete backend for Gram/SVD ``route`` at ``dtype`` on ``device`` (module doc)."""
     if backend not in ("auto", "torch", "blas"):
@@ -89,45 +101,32 @@ def resolve_backend(backend: Backend, route: str, dtype: torch.dtype, device: to
         if not eligible:
             raise ValueError("backend='blas' computes float64 Gram eigenvalues on the CPU only")
         return "blas"
-    if backend == "auto" and eligible and _blas_controller() is not None:
+    if backend == "auto" and eligible and blas_control_available():
         return "blas"
     return "torch"
 
 
-#: Largest Gram size sent to LAPACK ``dsyevr`` (numpy/scipy's OpenBLAS build); larger
-#: ones go to ``torch.linalg.eigvalsh`` (MKL ``syevd``, whose blocked tridiagonalization
-#: wins on big matrices). Measured on one core of the benchmark CPU: dsyevr 7 ms versus
-#: 10 ms at M = 384 and 106 versus 141 ms at 1024, even at 1536, and 6.9 s versus 4.4 s at 4096.
-LAPACK_EIGVALSH_MAX_M = 1536
+def _blas_gram_eigenvalues(entry: MatrixLike, scale: float) -> torch.Tensor:
+    """Pooled ascending float64 eigenvalues of the Gram matrices of a CPU entry (see module doc).
 
-
-def _blas_gram_eigenvalues(stack: torch.Tensor, scale: float) -> torch.Tensor:
-    """Pooled ascending eigenvalues of the Gram matrices of a CPU stack (S, N, M), float64.
-
-    Each slice is cast to float64 in numpy (a strided view of the torch storage, no copy
-    before the cast), its Gram matrix formed by ``dsyrk`` (numpy's ``A.T @ A``) and its
-    eigenvalues taken by LAPACK ``dsyevr`` (or torch's ``eigvalsh`` above
-    ``LAPACK_EIGVALSH_MAX_M``); ``scale`` is applied to the Gram (scale^2).
+    The entry is a matrix (N, M) in any orientation or a stack (S, N, M); each slice is
+    cast to float64 by numpy, its Gram matrix formed by ``dsyrk`` (``A.T @ A`` or
+    ``A @ A.T``, whichever is M x M) and decomposed by ``torch.linalg.eigvalsh``;
+    ``scale`` is applied to the Gram (scale^2).
     """
-    from scipy.linalg import lapack
-
+    W = entry.materialize() if isinstance(entry, DeferredMatrix) else entry
+    stack = W.detach().reshape(-1, W.shape[-2], W.shape[-1])
     if stack.dtype not in (torch.float32, torch.float64):
         stack = stack.to(torch.float64)  # numpy has no bfloat16
     out = []
-    for W in stack.detach():
-        a = W.numpy().astype(np.float64, order="K", copy=False)
+    for piece in stack:
+        a = piece.numpy().astype(np.float64, order="K", copy=False)
         gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
         if scale != 1.0:
             gram *= scale * scale
-        if gram.shape[0] > LAPACK_EIGVALSH_MAX_M:
-            out.append(torch.linalg.eigvalsh(torch.from_numpy(gram)).numpy())
-            continue
-        w, *_, info = lapack.dsyevr(gram, compute_v=0, overwrite_a=1)
-        if info != 0:
-            raise np.linalg.LinAlgError(f"dsyevr failed to converge (info={info})")
-        out.append(w[: gram.shape[0]])
-    evals = out[0] if len(out) == 1 else np.sort(np.concatenate(out))
-    return torch.from_numpy(np.clip(evals, 0.0, None))
+        out.append(torch.linalg.eigvalsh(torch.from_numpy(gram)))
+    evals = out[0] if len(out) == 1 else torch.cat(out).sort().values
+    return evals.clamp_min_(0.0)
 
 
 def _oriented(W: torch.Tensor) -> torch.Tensor:
@@ -151,7 +150,7 @@ def _eig_stack(W: torch.Tensor, route: str) -> torch.Tensor:
 
 
 def eigenvalues(
-    W: torch.Tensor,
+    W: MatrixLike,
     *,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -186,7 +185,7 @@ def eigenvalues(
 
 
 def batch_eigenvalues(
-    mats: Sequence[torch.Tensor],
+    mats: Sequence[MatrixLike],
     *,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -197,10 +196,33 @@ def batch_eigenvalues(
     """Eigenvalues of many matrices, one batched decomposition per distinct shape.
 
     Each entry of ``mats`` is a matrix (N, M) or a stack of slices (S, N, M) whose
-    eigenvalues are pooled into one ESD. On the torch backend, matrices of the same
-    oriented shape and device are stacked into a single ``eigvalsh``/``svdvals`` call; on
-    the BLAS backend each goes through ``dsyrk`` + ``dsyevr`` in turn (module docstring). Returns, in input
-    order, 1-D ascending tensors as :func:`eigenvalues` does.
+    eigenvalues are pooled into one ESD, or a :class:`DeferredMatrix`. On the torch
+    backend, matrices of the same oriented shape and device are stacked into a single
+    ``eigvalsh``/``svdvals`` call; on the BLAS backend each goes through ``dsyrk`` +
+    ``eigvalsh`` on its own, spread over the caller's torch thread count (module
+    docstring). Returns, in input order, 1-D ascending tensors as :func:`eigenvalues` does.
+    """
+    out: list[torch.Tensor | None] = [None] * len(mats)
+    for i, evals in iter_eigenvalues(mats, dtype=dtype, device=device, method=method, scales=scales, backend=backend):
+        out[i] = evals
+    return out  # type: ignore[return-value]
+
+
+def iter_eigenvalues(
+    mats: Sequence[MatrixLike],
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    method: Method = "auto",
+    scales: Sequence[float] | None = None,
+    backend: Backend = "auto",
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`batch_eigenvalues` as ``(index, eigenvalues)`` pairs, each as soon as it is known.
+
+    BLAS-backend results come in completion order while the others are still being
+    computed, so a caller can fit one layer's spectrum while the next is decomposed;
+    torch-backend results follow, group by group. Argument errors are raised before
+    any work starts.
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -210,25 +232,31 @@ def batch_eigenvalues(
     if len(scales) != len(mats):
         raise ValueError("scales must have one entry per matrix")
 
-    out: list[torch.Tensor | None] = [None] * len(mats)
     # (index, stack) per input, grouped by what can share one batched torch call
     groups: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-    blas: list[tuple[int, torch.Tensor, float]] = []
+    blas: list[tuple[int, MatrixLike, float]] = []
+    torch_items: list[tuple[int, MatrixLike, float, torch.device]] = []
     for i, (W, scale) in enumerate(zip(mats, scales)):
-        target = torch.device(device) if device is not None else W.device
-        stack = _oriented(W)
-        stack = stack.reshape(-1, stack.shape[-2], stack.shape[-1])
+        source = W.source if isinstance(W, DeferredMatrix) else W
+        _oriented(source)  # shape check, before any work
+        target = torch.device(device) if device is not None else source.device
         if resolve_backend(backend, route, dtype, target) == "blas":
-            blas.append((i, stack.to(device=target), scale))
-            continue
-        stack = stack.to(device=target, dtype=dtype)
+            if source.device != target:  # e.g. CUDA weights analysed with device="cpu"
+                W = (W.materialize() if isinstance(W, DeferredMatrix) else W).to(target)
+            blas.append((i, W, scale))
+        else:
+            torch_items.append((i, W, scale, target))
+
+    if blas:
+        yield from _run_blas(blas)
+    for i, W, scale, target in torch_items:
+        if isinstance(W, DeferredMatrix):
+            W = W.materialize()
+        stack = _oriented(W)
+        stack = stack.reshape(-1, stack.shape[-2], stack.shape[-1]).to(device=target, dtype=dtype)
         if scale != 1.0:
             stack = stack * scale
         groups[(tuple(stack.shape[-2:]), str(target))].append((i, stack))
-
-    if blas:
-        for i, evals in _run_blas(blas):
-            out[i] = evals
     for members in groups.values():
         stacked = members[0][1] if len(members) == 1 else torch.cat([s for _, s in members], dim=0)
         evals = _eig_stack(stacked, route)
@@ -236,42 +264,42 @@ def batch_eigenvalues(
         for i, stack in members:
             part = evals[start : start + stack.shape[0]]
             start += stack.shape[0]
-            out[i] = part.reshape(-1).sort().values if part.shape[0] > 1 else part.reshape(-1)
-    return out  # type: ignore[return-value]
+            yield i, (part.reshape(-1).sort().values if part.shape[0] > 1 else part.reshape(-1))
 
 
-def _run_blas(items: list[tuple[int, torch.Tensor, float]]) -> list[tuple[int, torch.Tensor]]:
-    """Eigenvalues of BLAS-backend items ``(index, stack, scale)``, as ``(index, evals)``.
+def _cost(entry: MatrixLike) -> int:
+    """Flops-like size of an entry's Gram + eigenproblem, N M^2 + M^3 per slice."""
+    shape = (entry.source if isinstance(entry, DeferredMatrix) else entry).shape
+    n, m = max(shape[-2:]), min(shape[-2:])
+    slices = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    return slices * (n * m * m + m**3)
+
+
+def _run_blas(items: list[tuple[int, MatrixLike, float]]) -> Iterator[tuple[int, torch.Tensor]]:
+    """Eigenvalues of BLAS-backend items ``(index, entry, scale)``, as ``(index, evals)``.
 
     With T = ``torch.get_num_threads()`` of the caller above 1 and several matrices, T
-    Python threads each take whole matrices (largest first) with a single-threaded BLAS:
-    numpy and LAPACK release the GIL, and a model's many small eigenproblems (384 x 384
-    takes ~7 ms in ``dsyevr``, mostly BLAS-2 bound) scale far better across matrices
-    than inside one. A single matrix, or T = 1, runs on the calling thread with T BLAS threads.
+    Python threads each take whole matrices, largest first, with single-threaded kernels
+    (OpenMP capped per thread, BLAS capped for the call); otherwise the caller's thread
+    does them in turn with T threads per kernel (module docstring).
     """
     threads = torch.get_num_threads()
     if threads <= 1 or len(items) == 1:
-        with _blas_threads(threads):
-            return [(i, _blas_gram_eigenvalues(stack, scale)) for i, stack, scale in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    # largest first (cost ~ N M^2 + M^3 per slice) so the long ones do not finish last
-    order = sorted(items, key=lambda it: -it[1].shape[0] * it[1].shape[-1] ** 2 * sum(it[1].shape[-2:]))
-    with _blas_threads(1), ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
-        futures = [(i, pool.submit(_blas_gram_eigenvalues, stack, scale)) for i, stack, scale in order]
-        return [(i, f.result()) for i, f in futures]
-
-
-@contextlib.contextmanager
-def _blas_threads(threads: int):
-    """Cap numpy/scipy's BLAS pool at ``threads`` while it runs.
-
-    The BLAS pool size is process-wide, so concurrent callers (two monitors' workers)
-    take turns: interleaved set/restore pairs would otherwise leave the wrong size behind.
-    """
-    controller = _blas_controller()
-    if controller is None:
-        yield
+        for i, entry, scale in items:
+            with limit_blas_threads(threads):
+                evals = _blas_gram_eigenvalues(entry, scale)
+            yield i, evals  # outside the cap: the caller's own work between items runs uncapped
         return
-    with _BLAS_LOCK, controller.limit(limits=threads, user_api="blas"):
-        yield
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    order = sorted(items, key=lambda it: -_cost(it[1]))
+    with limit_blas_threads(1), ThreadPoolExecutor(
+        max_workers=min(threads, len(items)), initializer=limit_openmp_threads, initargs=(1,)
+    ) as pool:
+        futures = {pool.submit(_blas_gram_eigenvalues, entry, scale): i for i, entry, scale in order}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            for future in futures:  # the caller stopped early or a matrix failed
+                future.cancel()

@@ -39,7 +39,6 @@ restarted on the next submit.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -55,6 +54,7 @@ import torch
 from .analyzer import AnalysisConfig, analyze_layers
 from .layers import LayerMatrix
 from .report import STATUS_FAILED, LayerReport
+from .threads import limit_openmp_threads
 
 log = logging.getLogger(__name__)
 
@@ -150,31 +150,6 @@ def run_analysis(
 # ------------------------------------------------------------------ priority / threads
 
 
-def _openmp_runtimes() -> list[Any]:
-    """Every OpenMP runtime loaded in this process (libgomp / libiomp / libomp), via ctypes.
-
-    torch bundles its own; scikit-learn, numpy builds and others may load more. The
-    thread cap is set in each of them (each is thread-local), so whichever runtime a
-    kernel uses, the worker thread runs it single-team.
-    """
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = {line.split()[-1] for line in fh if "omp" in line and ".so" in line}
-    except OSError:
-        return []
-    libs = []
-    for path in sorted(paths):
-        if not os.path.basename(path).startswith(("libgomp", "libiomp", "libomp")):
-            continue
-        try:
-            lib = ctypes.CDLL(path)
-            lib.omp_set_num_threads  # noqa: B018 - probe the symbol
-        except (OSError, AttributeError):
-            continue
-        libs.append(lib)
-    return libs
-
-
 def lower_priority(nice: int, threads: int | None, *, whole_process: bool) -> dict[str, Any]:
     """Lower the calling worker's priority and thread count; returns what was applied.
 
@@ -198,10 +173,7 @@ def lower_priority(nice: int, threads: int | None, *, whole_process: bool) -> di
             torch.set_num_threads(int(threads))
             info["threads"] = torch.get_num_threads()
         else:
-            libs = _openmp_runtimes()
-            for lib in libs:
-                lib.omp_set_num_threads(int(threads))
-            if libs:
+            if limit_openmp_threads(int(threads)):
                 info["threads"] = torch.get_num_threads()  # as torch sees it, in this thread
     return info
 

@@ -13,6 +13,11 @@ For each logger, in order:
 
 A logger whose experiment cannot be created because a package is missing is skipped
 with one warning naming the extra to install; no sink failure here stops training.
+
+``name`` is the monitor's name (``ESDMonitor(name=...)`` passes its own): every sink
+then writes under ``esdwatch/<name>/...``, the prefix of that monitor's records
+directory and summary keys, so two monitors sharing one logger (one TensorBoard
+writer, one W&B run) never write the same tag.
 """
 
 from __future__ import annotations
@@ -64,8 +69,10 @@ def _hint(logger: Any, exc: BaseException) -> str:
     return "install the package it names"
 
 
-def sink_for_logger(logger: Any, **options: Any) -> Any | None:
-    """The sink for one logger (None when esdwatch cannot write to it)."""
+def sink_for_logger(logger: Any, *, name: str | None = None, **options: Any) -> Any | None:
+    """The sink for one logger (None when esdwatch cannot write to it); ``name``: the monitor's."""
+    if name is not None:
+        options["name"] = name
     kinds = _classes()
     accepted = sink_options()
     try:
@@ -95,14 +102,17 @@ def sink_for_logger(logger: Any, **options: Any) -> Any | None:
         return None
 
 
-def sinks_for_loggers(loggers: Any, **options: Any) -> list[Any]:
+def sinks_for_loggers(loggers: Any, *, name: str | None = None, **options: Any) -> list[Any]:
     """One sink per logger that esdwatch can write to (see the module docstring).
 
     ``loggers``: a Trainer's ``trainer.loggers`` (a list), one logger, or None.
-    ``options`` are keyword options of the sink classes (``figure_every``, ``prefix``,
-    ``name``, ``histograms``, ``hist_bins``, ``summary``, ``alerts`` ...); each sink
-    takes those it knows. An option no sink knows is a TypeError.
+    ``name``: the monitor's name; tags go under ``esdwatch/<name>/`` (None: ``esdwatch/``;
+    an explicit ``prefix`` option wins). ``options`` are keyword options of the sink
+    classes (``figure_every``, ``prefix``, ``histograms``, ``hist_bins``, ``summary``,
+    ``alerts`` ...); each sink takes those it knows. An option no sink knows is a TypeError.
     """
+    if name is not None:
+        options["name"] = name
     accepted = sink_options()
     known = set().union(*accepted.values())
     unknown = sorted(set(options) - known)

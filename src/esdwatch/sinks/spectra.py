@@ -20,7 +20,10 @@ line is skipped by :func:`read_spectra`, which also applies the run-segment rule
 a resumed run's checkpoint step.
 
 The sink needs the eigenvalues (``keep_evals=True`` on the monitor); layers without them
-are not written.
+are not written. A monitor with ``keep_evals=True`` adds this sink itself (next to its
+``records.jsonl``) unless one was passed in ``sinks``; a run resumed into a new output
+directory carries the histograms up to its checkpoint over with :func:`copy_spectra`,
+as :func:`esdwatch.sinks.jsonl.copy_history` does for the records.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from .metrics_logger import Log10Histogram, log10_histogram
 
 log = logging.getLogger("esdwatch.sinks")
 
-__all__ = ["SpectraSink", "read_spectra", "SPECTRA_FILE"]
+__all__ = ["SpectraSink", "read_spectra", "copy_spectra", "SPECTRA_FILE"]
 
 SPECTRA_FILE = "spectra.jsonl"
 
@@ -118,14 +121,15 @@ def _segments(directory: Path) -> list[tuple[int, float]]:
     return cuts
 
 
-def read_spectra(path: str | os.PathLike) -> dict[tuple[int, str], Log10Histogram]:
-    """``{(global_step, layer): Log10Histogram}`` from ``spectra.jsonl`` (a file or its directory).
-
-    Missing file: an empty dict. Segment rules as for ``records.jsonl``.
-    """
+def _resolve(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_dir():
         p = p / SPECTRA_FILE if (p / SPECTRA_FILE).exists() or not (p / "esdwatch").is_dir() else p / "esdwatch" / SPECTRA_FILE
+    return p
+
+
+def _read(p: Path) -> dict[tuple[int, str], tuple[int, Log10Histogram]]:
+    """``{(global_step, layer): (segment, histogram)}`` after the segment rules."""
     if not p.exists():
         return {}
     cuts = _segments(p.parent)
@@ -149,4 +153,35 @@ def read_spectra(path: str | os.PathLike) -> dict[tuple[int, str], Log10Histogra
             continue
         if key not in best or seg >= best[key][0]:
             best[key] = (seg, hist)
-    return {k: v for k, (_, v) in sorted(best.items())}
+    return dict(sorted(best.items()))
+
+
+def read_spectra(path: str | os.PathLike) -> dict[tuple[int, str], Log10Histogram]:
+    """``{(global_step, layer): Log10Histogram}`` from ``spectra.jsonl`` (a file or its directory).
+
+    Missing file: an empty dict. Segment rules as for ``records.jsonl``.
+    """
+    return {k: v for k, (_, v) in _read(_resolve(path)).items()}
+
+
+def copy_spectra(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, upto_step: int) -> int:
+    """Seed ``dst_dir/spectra.jsonl`` with ``src_dir``'s histograms up to ``upto_step``.
+
+    The companion of :func:`esdwatch.sinks.jsonl.copy_history` (which copies the segment
+    lines these histograms are read against): a run resumed into a new directory keeps
+    the spectra of its history. Returns the number of histograms copied (0 without a
+    source file).
+    """
+    kept = {k: v for k, v in _read(Path(src_dir) / SPECTRA_FILE).items() if k[0] <= upto_step}
+    if not kept:
+        return 0
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for (step, name), (seg, hist) in kept.items():
+        row = {"global_step": step, "name": name, "segment": seg}
+        row.update(hist.to_dict())
+        lines.append(json.dumps(row, separators=(",", ":")) + "\n")
+    with open(dst / SPECTRA_FILE, "ab") as fh:
+        fh.write("".join(lines).encode())
+    return len(lines)
