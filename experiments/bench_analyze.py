@@ -9,10 +9,11 @@ Workloads, measured side by side in one run (median of ``--repeats``):
 
 Timings:
 
-(a) floor: only the eigenvalues of all matrices, float64, with the engine's own path
-    (``esdwatch.spectrum.batch_eigenvalues``: on the CPU, BLAS ``dsyrk`` + LAPACK ``dsyevr``
-    driven from torch tensors); (a') the same with the torch-only batched path
-    (``backend="torch"``: ``W^T W`` + ``torch.linalg.eigvalsh``) for reference;
+(a) floor as the issue defines it: only the eigenvalues of all matrices, float64, with
+    torch (``batch_eigenvalues(backend="torch")``: batched ``W^T W`` + ``torch.linalg.eigvalsh``);
+(a*) the engine's own, faster eigenvalue path (``backend="auto"``: on the CPU, BLAS
+    ``dsyrk`` Gram matrices and ``eigvalsh`` spread over the cores): a stricter floor,
+    since every analysis runs on it; the ratio targets are checked against both;
 (b) ``esdwatch.analyze`` with every metric (power law, MP fit, phases), traps off;
 (b') the same with the correlation-trap test on (one more eigendecomposition per layer),
      warm: the permutation indices of the randomization are cached per shape, as in a
@@ -29,7 +30,8 @@ spin-wait and slow down by up to two orders of magnitude (``--threads 1`` then g
 reproducible figures).
 
 Targets (issue 2 and 3): (b) <= 1.3 x (a); (b) >= 3x faster than (c); fit >= 30x faster
-than powerlaw.Fit; (b') <= 2.6 x (a) and faster than (c). Writes
+than powerlaw.Fit; (b') <= 2.6 x (a) and faster than (c); the ratios are also reported
+against (a*). Writes
 ``experiments/results/bench_analyze.md``.
 """
 
@@ -182,34 +184,48 @@ def main() -> int:
     lines = [
         "# Benchmark: esdwatch.analyze versus the eigenvalue floor and weightwatcher",
         "",
-        f"Produced by `python experiments/bench_analyze.py --repeats {args.repeats}` on {platform.machine()}, "
+        f"Produced by `python experiments/bench_analyze.py --repeats {args.repeats} --threads {THREADS}` on {platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), CPU only; "
         f"median of {args.repeats} runs ((d): {args.slow_repeats}), all measured side by side in one run. Every library ran on "
         f"{THREADS} thread(s). Load average from other work on the machine: {load_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (timings are wall-clock; ratios are the robust figures).",
         "",
-        "| workload | (a) floor: eigenvalues only | (a') torch-only eigenvalues | (b) esdwatch.analyze | "
+        "| workload | (a) floor: eigenvalues with torch | (a*) engine's eigenvalue path | (b) esdwatch.analyze | "
         "(b') analyze + traps, warm / cold | (c) weightwatcher defaults | (d) ww mp_fit + randomize | (b)/(a) | "
-        "(b')/(a) warm / cold | (c)/(b) | (c)/(b') warm / cold | (d)/(b') |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(b')/(a) warm / cold | (b)/(a*) | (b')/(a*) warm / cold | (c)/(b) | (c)/(b') warm / cold | (d)/(b') |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     checks = []
     for name, r in rows.items():
-        a, at, b = r["a_floor"], r["a_floor_torch"], r["b_esdwatch"]
+        a, ae, b = r["a_floor_torch"], r["a_floor"], r["b_esdwatch"]
         bt, btc = r["b_esdwatch_traps"], r["b_esdwatch_traps_cold"]
         c, d = r.get("c_ww_default", float("nan")), r.get("d_ww_mp_randomize", float("nan"))
         lines.append(
-            f"| {name} | {a:.3f} s | {at:.3f} s | {b:.3f} s | {bt:.3f} / {btc:.3f} s | {c:.2f} s | {d:.2f} s | "
-            f"{b / a:.2f} | {bt / a:.2f} / {btc / a:.2f} | {c / b:.1f}x | {c / bt:.2f} / {c / btc:.2f} | {d / btc:.1f}x |"
+            f"| {name} | {a:.3f} s | {ae:.3f} s | {b:.3f} s | {bt:.3f} / {btc:.3f} s | {c:.2f} s | {d:.2f} s | "
+            f"{b / a:.2f} | {bt / a:.2f} / {btc / a:.2f} | {b / ae:.2f} | {bt / ae:.2f} / {btc / ae:.2f} | "
+            f"{c / b:.1f}x | {c / bt:.2f} / {c / btc:.2f} | {d / btc:.1f}x |"
         )
-        checks.append((f"{name}: (b) <= 1.3 x (a)", b / a, b <= 1.3 * a))
-        checks.append((f"{name}: (b') warm <= 2.6 x (a)", bt / a, bt <= 2.6 * a))
-        checks.append((f"{name}: (b') cold <= 2.6 x (a)", btc / a, btc <= 2.6 * a))
+        for floor_name, f in (("(a)", a), ("(a*)", ae)):
+            checks.append((f"{name}: (b) <= 1.3 x {floor_name}", b / f, b <= 1.3 * f))
+            checks.append((f"{name}: (b') warm <= 2.6 x {floor_name}", bt / f, bt <= 2.6 * f))
+            checks.append((f"{name}: (b') cold <= 2.6 x {floor_name}", btc / f, btc <= 2.6 * f))
         if np.isfinite(c):
             checks.append((f"{name}: (b) >= 3x faster than (c)", c / b, c >= 3 * b))
             checks.append((f"{name}: (b') warm faster than (c)", c / bt, bt < c))
             checks.append((f"{name}: (b') cold faster than (c)", c / btc, btc < c))
-    lines += ["", "| eigenvalues | fit_power_law | powerlaw.Fit (alpha in [1, 100]) | speed-up |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Two floors. (a) is the issue's: the float64 eigenvalues with torch (batched `W^T W` + "
+        "`torch.linalg.eigvalsh`). (a*) is the engine's own eigenvalue path, which every analysis "
+        "runs on: on the CPU, `W^T W` as a BLAS symmetric rank-k update (`dsyrk`, half the flops of "
+        "torch's general product) and the eigenproblems spread over the cores, one matrix per thread. "
+        "Against (a*) the trap test costs 2 x the floor (a second decomposition per layer, by "
+        "definition) plus the randomization and the fits: a faster eigenvalue path raises that "
+        "ratio while lowering every time in the table.",
+        "",
+        "| eigenvalues | fit_power_law | powerlaw.Fit (alpha in [1, 100]) | speed-up |",
+        "|---|---|---|---|",
+    ]
     for m, (ours, ref) in fits.items():
         lines.append(f"| {m} | {ours * 1e3:.1f} ms | {ref * 1e3:.0f} ms | {ref / ours:.0f}x |")
         checks.append((f"fit on {m} eigenvalues >= 30x faster than powerlaw.Fit", ref / ours, ref >= 30 * ours))

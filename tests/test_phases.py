@@ -273,3 +273,15 @@ def test_classify_report_fills_the_phase_fields():
     assert again.phase == rep.phase
     assert classify(rep.evals, rep.N, rep.M).phase.value == rep.phase
     json.dumps(rep.to_dict())
+
+
+@pytest.mark.parametrize("generator", ["random_like", "bleeding_out", "bulk_plus_spikes", "bulk_decay", "heavy_tailed", "rank_collapse"])
+def test_a_shared_mp_fit_gives_the_same_decision(generator):
+    from esdwatch.mp import fit_mp
+    from esdwatch.spectrum import eigenvalues
+
+    for seed in (0, 1):
+        W = getattr(synthetic, generator)(600, 300, seed)
+        ev = eigenvalues(W).numpy()
+        own, shared = classify(ev, 600, 300), classify(ev, 600, 300, mp=fit_mp(ev, 600, 300))
+        assert (own.phase, own.confidence, own.reason) == (shared.phase, shared.confidence, shared.reason)

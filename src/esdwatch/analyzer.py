@@ -24,6 +24,7 @@ import torch
 
 from .layers import LayerMatrix, find_layers
 from .metrics import DEFAULT_ZERO_TOL, layer_metrics
+from .mp import DEFAULT_TW_MARGIN, fit_mp
 from .report import (
     STATUS_DEGENERATE,
     STATUS_FAILED,
@@ -33,6 +34,7 @@ from .report import (
     SkippedLayer,
 )
 from .spectrum import DeferredMatrix, Method, batch_eigenvalues, iter_eigenvalues
+from .threads import parallel_map
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,13 @@ def _screen_weight(W: torch.Tensor) -> tuple[int, int]:
     return 0, int(dead_rows.sum().item()) + int(dead_cols.sum().item())
 
 
+def _try_screen(W: torch.Tensor) -> tuple[int, int] | Exception:
+    try:
+        return _screen_weight(W)
+    except Exception as exc:
+        return exc
+
+
 def analyze_layers(
     mats: Sequence[LayerMatrix],
     config: AnalysisConfig = AnalysisConfig(),
@@ -170,22 +179,23 @@ def _analyze_layers(mats: Sequence[LayerMatrix], config: AnalysisConfig) -> list
     reports: list[LayerReport | None] = [None] * len(mats)
     dead_units: dict[int, int] = {}
     finite_idx: list[int] = []
-    for i, mat in enumerate(mats):
-        W = mat.weight
-        try:
-            bad, dead_units[i] = _screen_weight(W)
-        except Exception as exc:  # e.g. a tensor type torch cannot reduce
-            reports[i] = layer_report(mat, status=STATUS_FAILED, status_detail=f"{type(exc).__name__}: {exc}")
+    # the screening reductions release the GIL: spread over the threads like the spectra
+    for i, screened in parallel_map(_try_screen, [mat.weight for mat in mats]):
+        mat = mats[i]
+        if isinstance(screened, Exception):  # e.g. a tensor type torch cannot reduce
+            reports[i] = layer_report(mat, status=STATUS_FAILED, status_detail=f"{type(screened).__name__}: {screened}")
             continue
+        bad, dead_units[i] = screened
         if bad:
             reports[i] = layer_report(
                 mat,
                 status=STATUS_NON_FINITE,
-                status_detail=f"{bad} of {W.numel()} entries are NaN or Inf",
+                status_detail=f"{bad} of {mat.weight.numel()} entries are NaN or Inf",
                 num_non_finite=bad,
             )
             continue
         finite_idx.append(i)
+    finite_idx.sort()
 
     randomize = _trap_randomizer() if config.traps else None
     n = len(finite_idx)
@@ -244,6 +254,9 @@ def _analyze_one(
     ev = evals_t.detach().to("cpu", torch.float64).numpy()
     if mat.kind == "lora":
         ev = _lora_nonzero(ev, mat)
+    # one MP fit shared by the metrics and the phase classifier
+    tw_margin = DEFAULT_TW_MARGIN if config.tw_margin is None else config.tw_margin
+    mp = fit_mp(ev, mat.N, mat.M, tw_margin=tw_margin) if config.mp_fit and ev.size and ev.max() > 0 else None
     fields = layer_metrics(
         ev,
         mat.N,
@@ -256,6 +269,7 @@ def _analyze_one(
         mp_fit=config.mp_fit,
         tw_margin=config.tw_margin,
         zero_tol=config.zero_tol,
+        mp=mp,
     )
     fields["dead_units"] = dead_units
     if not (fields.get("lambda_max", 0.0) > 0):
@@ -264,7 +278,7 @@ def _analyze_one(
     report = layer_report(mat, **fields)
 
     if config.phases and report.ok:
-        report = _with_phase(report, ev)
+        report = _with_phase(report, ev, mp, tw_margin)
     if rand_evals_t is not None and report.ok:
         report = report.replace(**_trap_fields(mat, ev, rand_evals_t, config))
     if config.keep_evals:
@@ -272,12 +286,14 @@ def _analyze_one(
     return report
 
 
-def _with_phase(report: LayerReport, ev: np.ndarray) -> LayerReport:
+def _with_phase(report: LayerReport, ev: np.ndarray, mp: Any, tw_margin: float) -> LayerReport:
     try:
-        from .phases import classify_report
+        from .phases import DEFAULT_THRESHOLDS, classify_report
     except ImportError:  # phase classifier not available in this build
         return report
-    return classify_report(report, ev)
+    if tw_margin != DEFAULT_THRESHOLDS.tw_margin:
+        mp = None  # fitted with another spike margin: the classifier fits its own
+    return classify_report(report, ev, mp=mp)
 
 
 def _lora_nonzero(ev: np.ndarray, mat: LayerMatrix) -> np.ndarray:

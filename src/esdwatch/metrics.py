@@ -133,13 +133,16 @@ def layer_metrics(
     mp_fit: bool = True,
     tw_margin: float | None = None,
     zero_tol: float = DEFAULT_ZERO_TOL,
+    mp: Any = None,
 ) -> dict[str, Any]:
     """Every scalar metric of one layer, keyed by :class:`~esdwatch.report.LayerReport` field.
 
     ``evals`` are the ``num_slices * M`` eigenvalues of the layer (pooled over conv
     slices). The power-law fit runs on the positive eigenvalues; the MP fit runs per
     layer on the pooled ESD with the slice shape (N, M), which for pooled conv slices is
-    the same law (each slice shares N, M and, at initialization, sigma).
+    the same law (each slice shares N, M and, at initialization, sigma). ``mp``: a
+    :func:`~esdwatch.mp.fit_mp` result of these eigenvalues (same N, M, ``tw_margin``) to
+    reuse instead of fitting again (the analyzer shares one fit with the phase classifier).
     """
     ev = np.sort(_as_array(evals))
     out: dict[str, Any] = {"num_evals": int(ev.size)}
@@ -173,8 +176,9 @@ def layer_metrics(
         out["log_alpha_norm"] = log_alpha_norm(ev, fit.alpha)
 
     if mp_fit:
-        kwargs = {} if tw_margin is None else {"tw_margin": tw_margin}
-        mp = fit_mp(ev, N, M, **kwargs)
+        if mp is None:
+            kwargs = {} if tw_margin is None else {"tw_margin": tw_margin}
+            mp = fit_mp(ev, N, M, **kwargs)
         out.update(
             mp_sigma2=mp.sigma2,
             lambda_plus=mp.lambda_plus,

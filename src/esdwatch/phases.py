@@ -356,6 +356,7 @@ def classify(
     thresholds: PhaseThresholds | None = None,
     *,
     power_law: Mapping[str, float] | None = None,
+    mp: Any = None,
 ) -> PhaseResult:
     """The phase of training of one ESD (decision rules in the module docstring).
 
@@ -373,6 +374,9 @@ def classify(
     power_law:
         An already computed power-law fit (keys ``alpha``, ``xmin``, ``D``, optional
         ``n_tail``) to reuse instead of fitting again, e.g. a LayerReport's.
+    mp:
+        An already computed :func:`~esdwatch.mp.fit_mp` of these eigenvalues with this
+        (N, M) and ``thresholds.tw_margin``, to reuse instead of fitting again.
 
     Returns
     -------
@@ -439,7 +443,8 @@ def classify(
         path_margins = [m_zero]
 
     # -- MP fit of the bulk -------------------------------------------------------------
-    mp = fit_mp(ev, N, M, tw_margin=th.tw_margin)
+    if mp is None:
+        mp = fit_mp(ev, N, M, tw_margin=th.tw_margin)
     lam_plus, s = float(mp.lambda_plus), float(mp.tw_scale)
     if not (math.isfinite(lam_plus) and lam_plus > 0 and math.isfinite(s) and s > 0):
         return unknown(f"MP fit failed ({getattr(mp, 'status', 'nan fit')})")
@@ -552,7 +557,7 @@ def classify(
 # ------------------------------------------------------------------------ LayerReport glue
 
 
-def classify_report(report: Any, evals: Any, thresholds: PhaseThresholds | None = None) -> Any:
+def classify_report(report: Any, evals: Any, thresholds: PhaseThresholds | None = None, *, mp: Any = None) -> Any:
     """``report`` with its phase fields filled from ``evals`` (ascending, unnormalized).
 
     Reuses the report's power-law fit (alpha, xmin, D, n_tail) when it has one. Sets
@@ -569,7 +574,7 @@ def classify_report(report: Any, evals: Any, thresholds: PhaseThresholds | None 
             "D": float(getattr(report, "D", NAN)),
             "n_tail": int(getattr(report, "n_tail", -1)),
         }
-    res = classify(evals, report.N, report.M, thresholds, power_law=power_law)
+    res = classify(evals, report.N, report.M, thresholds, power_law=power_law, mp=mp)
     changes: dict[str, Any] = {
         "phase": res.phase.value,
         "phase_confidence": res.confidence,

@@ -58,7 +58,7 @@ from typing import Callable, Iterator, Literal, Sequence, Union
 import numpy as np
 import torch
 
-from .threads import blas_control_available, limit_blas_threads, limit_openmp_threads
+from .threads import blas_control_available, parallel_map
 
 Method = Literal["auto", "gram", "svd"]
 Backend = Literal["auto", "torch", "blas"]
@@ -278,28 +278,9 @@ def _cost(entry: MatrixLike) -> int:
 def _run_blas(items: list[tuple[int, MatrixLike, float]]) -> Iterator[tuple[int, torch.Tensor]]:
     """Eigenvalues of BLAS-backend items ``(index, entry, scale)``, as ``(index, evals)``.
 
-    With T = ``torch.get_num_threads()`` of the caller above 1 and several matrices, T
-    Python threads each take whole matrices, largest first, with single-threaded kernels
-    (OpenMP capped per thread, BLAS capped for the call); otherwise the caller's thread
-    does them in turn with T threads per kernel (module docstring).
+    Spread over the caller's torch thread count by :func:`esdwatch.threads.parallel_map`,
+    largest matrices first (module docstring).
     """
-    threads = torch.get_num_threads()
-    if threads <= 1 or len(items) == 1:
-        for i, entry, scale in items:
-            with limit_blas_threads(threads):
-                evals = _blas_gram_eigenvalues(entry, scale)
-            yield i, evals  # outside the cap: the caller's own work between items runs uncapped
-        return
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    order = sorted(items, key=lambda it: -_cost(it[1]))
-    with limit_blas_threads(1), ThreadPoolExecutor(
-        max_workers=min(threads, len(items)), initializer=limit_openmp_threads, initargs=(1,)
-    ) as pool:
-        futures = {pool.submit(_blas_gram_eigenvalues, entry, scale): i for i, entry, scale in order}
-        try:
-            for future in as_completed(futures):
-                yield futures[future], future.result()
-        finally:
-            for future in futures:  # the caller stopped early or a matrix failed
-                future.cancel()
+    work = [(entry, scale) for _, entry, scale in items]
+    for k, evals in parallel_map(lambda it: _blas_gram_eigenvalues(*it), work, cost=lambda it: _cost(it[0])):
+        yield items[k][0], evals

@@ -21,9 +21,18 @@ import contextlib
 import ctypes
 import os
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-__all__ = ["openmp_runtimes", "limit_openmp_threads", "limit_blas_threads", "blas_control_available"]
+T = TypeVar("T")
+R = TypeVar("R")
+
+__all__ = [
+    "openmp_runtimes",
+    "limit_openmp_threads",
+    "limit_blas_threads",
+    "blas_control_available",
+    "parallel_map",
+]
 
 _BLAS_CONTROLLER: Any = None
 _BLAS_LOCK = threading.RLock()  # re-entrant: a caller may decompose more inside a capped block
@@ -118,3 +127,45 @@ def limit_blas_threads(threads: int) -> Iterator[None]:
         return
     with _BLAS_LOCK, controller.limit(limits=int(threads), user_api="blas"):
         yield
+
+
+def parallel_map(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    threads: int | None = None,
+    cost: Callable[[T], float] | None = None,
+) -> Iterator[tuple[int, R]]:
+    """``(index, fn(item))`` for every item, as each is done, spread over ``threads`` Python threads.
+
+    For work made of native kernels that release the GIL (torch, numpy BLAS): with
+    ``threads`` (default: the caller's ``torch.get_num_threads()``) above 1 and several
+    items, each thread takes whole items, costliest first when ``cost`` is given, with
+    its OpenMP/MKL teams capped at one thread and numpy's BLAS capped at one for the
+    call, so the kernels never oversubscribe the cores. With one thread (a monitor's
+    worker capped at one) the items run in turn on the calling thread, its BLAS capped
+    at that count. An exception from ``fn`` is raised at its item; items not started
+    by then are cancelled.
+    """
+    import torch
+
+    n_threads = torch.get_num_threads() if threads is None else int(threads)
+    if n_threads <= 1 or len(items) <= 1:
+        for i, item in enumerate(items):
+            with limit_blas_threads(n_threads):
+                result = fn(item)
+            yield i, result  # outside the cap: the caller's work between items runs uncapped
+        return
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
+    with limit_blas_threads(1), ThreadPoolExecutor(
+        max_workers=min(n_threads, len(items)), initializer=limit_openmp_threads, initargs=(1,)
+    ) as pool:
+        futures = {pool.submit(fn, items[i]): i for i in order}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            for future in futures:  # the caller stopped early or an item failed
+                future.cancel()

@@ -208,6 +208,24 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _mean_std(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and (n - 1) standard deviation of a 1-D tensor, accumulated in float64.
+
+    On the CPU through numpy (a float64 sum and a float64 sum of squares: 16 ms for 12M
+    entries, where ``torch.std_mean`` took 25-75 ms).
+    """
+    n = values.numel()
+    if n < 2:
+        return (float(values[0].item()) if n else NAN), NAN
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        a = values.numpy()
+        mean = float(a.sum(dtype=np.float64)) / n
+        sq = float(np.einsum("i,i->", a, a, dtype=np.float64))
+        return mean, math.sqrt(max(sq - n * mean * mean, 0.0) / (n - 1))
+    std_t, mean_t = torch.std_mean(values.to(torch.float64))
+    return float(mean_t.item()), float(std_t.item())
+
+
 def _row_means(flat: torch.Tensor) -> torch.Tensor:
     """Means of the rows of a 2-D tensor, accumulated in float64, as an (S, 1) float64 tensor.
 
@@ -282,11 +300,7 @@ def largest_entries(W: Any, k: int, *, transpose: bool = False) -> tuple[TrapEnt
     # ranked by distance from the mean of the entries (what the centered randomization
     # sees); the k farthest from it are among the k largest and the k smallest entries,
     # found without materializing |W - mean| (a copy of an embedding, 12M entries)
-    if values.numel() > 1:
-        std_t, mean_t = torch.std_mean(values)
-        mean, std = float(mean_t.item()), float(std_t.item())
-    else:
-        mean, std = float(values[0].item()), NAN
+    mean, std = _mean_std(values)
     cand = torch.cat([torch.topk(values, k).indices, torch.topk(values, k, largest=False).indices]).unique()
     distance = (values[cand].to(torch.float64) - mean).abs()
     idx = cand[torch.argsort(distance, descending=True, stable=True)[:k]]
