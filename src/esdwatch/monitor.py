@@ -68,9 +68,11 @@ with other jobs, 1.49M-parameter MLP, 4 matrices, every_n_steps=50):
   snapshots is preferable to sharing the cores.
 
 Under ``every_n_steps="auto"`` (the default schedule), ``max_overhead=0.05``, the worker's
-CPU time was 4.5% of the training time and the slowdown measured within the run +0.035
-to +0.052 when the training shared the cores with it (load 1.2 to 2.5), about 0 when a
-core was free. On a GPU machine (training on the GPU,
+CPU time was 3.5-5% of the training time; the slowdown was +0.036 measured within the run
+and +0.037 against paired unmonitored runs when the training used both cores (torch's
+default; ``--train-threads 2``), about 0 when a core was free. With the training on both
+cores, the thread worker at ``every_n_steps=50`` kept the hooks at 1.9% of the training
+time and cost 1.17 x its own analysis time. On a GPU machine (training on the GPU,
 CPU cores mostly idle) the thread worker needs no start-up either; the benchmark's GPU
 targets were not measurable in this task (no GPU). Choose ``worker="process"`` when the
 analysis runs Python-heavy code (a custom ``analyze_fn``, the reference ``powerlaw``
