@@ -219,10 +219,10 @@ def iter_eigenvalues(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """:func:`batch_eigenvalues` as ``(index, eigenvalues)`` pairs, each as soon as it is known.
 
-    BLAS-backend results come in completion order while the others are still being
-    computed, so a caller can fit one layer's spectrum while the next is decomposed;
-    torch-backend results follow, group by group. Argument errors are raised before
-    any work starts.
+    BLAS-backend results come in completion order, then torch-backend results group by
+    group. Argument errors are raised at the first iteration, before any work starts.
+    (Consuming results while the pool still runs costs the pool the GIL at each of its
+    kernel boundaries: the analyzer collects every spectrum before it fits any.)
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute dtype must be torch.float32 or torch.float64, got {dtype}")
