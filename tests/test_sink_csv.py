@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+from _sink_helpers import fit_digits
 from esdwatch.alarms import AlarmRule
 from esdwatch.phases import Phase
 from esdwatch.report import SUMMARY_METRICS
@@ -21,20 +22,15 @@ from esdwatch.sinks.metrics_logger import COUNT_METRICS, SCALAR_METRICS
 
 
 def _fit_csv(root):
-    import lightning.pytorch as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from esdwatch.demo import DigitsDataModule, DigitsMLP
     from esdwatch.lightning import ESDMonitor
 
     torch.manual_seed(0)
     logger = CSVLogger(str(root), name="csv")
     monitor = ESDMonitor(every_n_steps=5, at_start=True, traps=False, on_backpressure="block",
                          alarm_rules=[AlarmRule("alpha_low", "alpha", 100.0, above=False)], alarm_patience=1)
-    trainer = L.Trainer(max_steps=15, accelerator="cpu", devices=1, logger=logger, callbacks=[monitor],
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        log_every_n_steps=5, limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(DigitsMLP(hidden=(64, 64)), datamodule=DigitsDataModule(batch_size=32))
+    fit_digits(logger, monitor, max_steps=15)
     return logger
 
 

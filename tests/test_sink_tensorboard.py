@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from _sink_helpers import fit_digits, synthetic_snapshots
 from esdwatch.alarms import Alarm
-from esdwatch import analyze_matrix
 from esdwatch.phases import Phase
 from esdwatch.records import LayerRecord
 from esdwatch.report import SUMMARY_METRICS
 from esdwatch.sinks import TensorBoardSink, read_records, sinks_for_loggers
 from esdwatch.sinks.metrics_logger import COUNT_METRICS, SCALAR_METRICS
-from esdwatch.synthetic import make_phase_matrix
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -30,18 +29,9 @@ LAYERS = {"encoder.0": "Random-like", "encoder.1": "Bulk+Spikes", "head": "Heavy
 STEPS = (0, 10, 20)
 
 
-def _snapshot(step: int, k: int) -> list[LayerRecord]:
-    return [
-        LayerRecord(step, 0, 1_700_000_000.0 + step,
-                    analyze_matrix(make_phase_matrix(phase, 120, 60, seed=10 * k + i), name=name, keep_evals=True,
-                                   traps=False))
-        for i, (name, phase) in enumerate(LAYERS.items())
-    ]
-
-
 @pytest.fixture(scope="module")
 def snapshots():
-    return {step: _snapshot(step, k) for k, step in enumerate(STEPS)}
+    return synthetic_snapshots(LAYERS, STEPS)
 
 
 def _load(path) -> EventAccumulator:
@@ -192,19 +182,14 @@ def test_own_writer_from_a_directory_and_no_eigenvalues(tmp_path, snapshots, cap
 
 
 def _fit_tensorboard(root):
-    import lightning.pytorch as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from esdwatch.demo import DigitsDataModule, DigitsMLP
     from esdwatch.lightning import ESDMonitor
 
     torch.manual_seed(0)
     logger = TensorBoardLogger(str(root), name="run")
     monitor = ESDMonitor(every_n_steps=5, at_start=True, keep_evals=True, traps=False, on_backpressure="block")
-    trainer = L.Trainer(max_steps=20, accelerator="cpu", devices=1, logger=logger, callbacks=[monitor],
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        log_every_n_steps=5, limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(DigitsMLP(hidden=(64, 64)), datamodule=DigitsDataModule(batch_size=32))
+    fit_digits(logger, monitor, max_steps=20)
     return logger
 
 

@@ -15,12 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from _sink_helpers import fit_digits, synthetic_snapshots
 from esdwatch.alarms import Alarm, AlarmRule
-from esdwatch import analyze_matrix
 from esdwatch.phases import Phase
-from esdwatch.records import LayerRecord
 from esdwatch.sinks import read_records, sinks_for_loggers
-from esdwatch.synthetic import make_phase_matrix
 
 wandb = pytest.importorskip("wandb")
 from esdwatch.sinks.wandb import MAX_HIST_BINS, TABLE_COLUMNS, WandbSink  # noqa: E402
@@ -54,18 +52,9 @@ def history(records: list[dict]) -> list[dict]:
     return [r["history"]["item"] for r in records if r["type"] == "history"]
 
 
-def _snapshot(step: int, k: int) -> list[LayerRecord]:
-    return [
-        LayerRecord(step, 0, 1_700_000_000.0 + step,
-                    analyze_matrix(make_phase_matrix(phase, 120, 60, seed=10 * k + i), name=name, keep_evals=True,
-                                   traps=False))
-        for i, (name, phase) in enumerate(LAYERS.items())
-    ]
-
-
 @pytest.fixture(scope="module")
 def snapshots():
-    return {step: _snapshot(step, k) for k, step in enumerate(STEPS)}
+    return synthetic_snapshots(LAYERS, STEPS)
 
 
 class FakeClock:
@@ -174,10 +163,8 @@ def test_close_logs_the_figures_of_the_last_snapshot_and_bins_are_capped(tmp_pat
 
 
 def test_trainer_with_wandb_logger_offline(tmp_path):
-    import lightning.pytorch as L
     from lightning.pytorch.loggers import WandbLogger
 
-    from esdwatch.demo import DigitsDataModule, DigitsMLP
     from esdwatch.lightning import ESDMonitor
 
     torch.manual_seed(0)
@@ -187,10 +174,7 @@ def test_trainer_with_wandb_logger_offline(tmp_path):
     monitor = ESDMonitor(every_n_steps=5, at_start=True, keep_evals=True, traps=False, on_backpressure="block",
                          alarm_rules=[AlarmRule("alpha_low", "alpha", 100.0, above=False)], alarm_patience=1,
                          log_dir=str(tmp_path / "logs"))
-    trainer = L.Trainer(max_steps=15, accelerator="cpu", devices=1, logger=logger, callbacks=[monitor],
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        log_every_n_steps=5, limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(DigitsMLP(hidden=(64, 64)), datamodule=DigitsDataModule(batch_size=32))
+    fit_digits(logger, monitor, max_steps=15)
     run_dir = Path(logger.experiment.dir).parent
     wandb.finish()
 

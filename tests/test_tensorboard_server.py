@@ -21,6 +21,7 @@ import torch
 
 pytest.importorskip("tensorboard")
 
+from _sink_helpers import fit_digits
 from esdwatch.phases import Phase  # noqa: E402
 from esdwatch.sinks import read_records  # noqa: E402
 
@@ -34,19 +35,14 @@ def _free_port() -> int:
 
 
 def _fit(root: Path) -> Path:
-    import lightning.pytorch as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from esdwatch.demo import DigitsDataModule, DigitsMLP
     from esdwatch.lightning import ESDMonitor
 
     torch.manual_seed(0)
     logger = TensorBoardLogger(str(root), name="run")
     monitor = ESDMonitor(every_n_steps=5, at_start=True, keep_evals=True, traps=False, on_backpressure="block")
-    trainer = L.Trainer(max_steps=15, accelerator="cpu", devices=1, logger=logger, callbacks=[monitor],
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        log_every_n_steps=5, limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(DigitsMLP(hidden=(64, 64)), datamodule=DigitsDataModule(batch_size=32))
+    fit_digits(logger, monitor, max_steps=15)
     return Path(logger.log_dir)
 
 
