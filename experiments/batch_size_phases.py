@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common as C  # noqa: E402
-from esdwatch.figures import draw_esd  # noqa: E402
+from esdwatch.reporting.figures import draw_esd  # noqa: E402
 
 NAME = "batch_size_phases"
 FOCUS = "net.fc1"

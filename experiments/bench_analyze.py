@@ -73,9 +73,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import esdwatch  # noqa: E402
-from esdwatch.layers import find_layers  # noqa: E402
-from esdwatch.spectrum import batch_eigenvalues  # noqa: E402
-from esdwatch.traps import _PERM_CACHE  # noqa: E402
+from esdwatch.engine.layers import find_layers  # noqa: E402
+from esdwatch.engine.spectrum import batch_eigenvalues  # noqa: E402
+from esdwatch.engine.traps import _PERM_CACHE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -66,8 +66,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from esdwatch.analyzer import analyze_layers  # noqa: E402
-from esdwatch.layers import find_layers  # noqa: E402
+from esdwatch.engine.analyzer import analyze_layers  # noqa: E402
+from esdwatch.engine.layers import find_layers  # noqa: E402
 from esdwatch.monitor import Monitor  # noqa: E402
 from esdwatch.sinks.jsonl import read_records  # noqa: E402
 
@@ -218,7 +218,7 @@ def analysis_alone(snaps: dict[int, list], reps: int) -> dict[int, float]:
 
 def process_startup(reps: int) -> float:
     """Seconds from starting a worker process to its 'ready' (median of ``reps``)."""
-    from esdwatch.worker import ProcessExecutor
+    from esdwatch.monitor.worker import ProcessExecutor
 
     times = []
     for _ in range(reps):

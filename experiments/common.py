@@ -44,9 +44,9 @@ from torch import nn  # noqa: E402
 import lightning.pytorch as L  # noqa: E402
 
 from esdwatch.lightning import ESDMonitor  # noqa: E402
-from esdwatch.phases import Phase  # noqa: E402
-from esdwatch.records import LayerRecord  # noqa: E402
-from esdwatch.report import summarize  # noqa: E402
+from esdwatch.engine.phases import Phase  # noqa: E402
+from esdwatch.schema import LayerRecord  # noqa: E402
+from esdwatch.schema import summarize  # noqa: E402
 from esdwatch.sinks.jsonl import read_alarms, read_records  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -301,7 +301,7 @@ class Run:
         return np.array([s for s, _ in rows]), np.array([v for _, v in rows], dtype=float)
 
     def summary(self, step: int | None = None) -> dict[str, float]:
-        """Layer averages <metric> of one snapshot (esdwatch.report.summarize: the monitor's own summary)."""
+        """Layer averages <metric> of one snapshot (esdwatch.schema.summarize: the monitor's own summary)."""
         return summarize([r.report for r in self.at(step).values()])
 
 

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import common as C  # noqa: E402
-from esdwatch.figures import draw_esd  # noqa: E402
+from esdwatch.reporting.figures import draw_esd  # noqa: E402
 
 NAME = "crafting_heavy_tails"
 LAYER = "net.W"

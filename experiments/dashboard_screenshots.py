@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
-    from esdwatch.html_report import build_report
+    from esdwatch.reporting.html import build_report
 
     page = build_report(log_dir, work / "report", title="esdwatch report: the demo run (digits MLP)")
     chromium(page.as_uri(), raw / "report.png", 1200, 2260, work / "profile", budget_ms=5000)

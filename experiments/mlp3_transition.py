@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common as C  # noqa: E402
-from esdwatch.figures import draw_esd  # noqa: E402
+from esdwatch.reporting.figures import draw_esd  # noqa: E402
 
 NAME = "mlp3_transition"
 LAYERS = ("fc1", "fc2")

@@ -1,17 +1,17 @@
 """Phase-classifier benchmark on synthetic ground truth (issue 3).
 
 Draws ``--per-phase`` matrices (default 60) for each of the 5+1 phases from
-:mod:`esdwatch.synthetic`, with N log-uniform in [128, 2048], Q = N / M log-uniform in
+:mod:`esdwatch.engine.synthetic`, with N log-uniform in [128, 2048], Q = N / M log-uniform in
 [1, 8], a random overall scale sigma = 10^U(-3, 2) and seeds disjoint from the tests'
 (tests use seeds < 100, the tuning runs used 20000-40000; this uses 1_000_000 + i).
 Shapes with M < 50 (below the classifier's size floor, like the analyzer's) are redrawn,
 and so are shapes where the generator's phase is not identifiable (only Bleeding-out:
 its window between the Tracy-Widom fluctuations of the edge and "well above" the edge
-is empty for small M, see ``esdwatch.synthetic.bleeding_window``); the number of
+is empty for small M, see ``esdwatch.engine.synthetic.bleeding_window``); the number of
 redraws is reported.
 
-Eigenvalues come from ``esdwatch.spectrum.eigenvalues`` (float64 Gram + eigvalsh); the
-classifier (``esdwatch.phases.classify``, MP fit + power-law fit + rules) is timed
+Eigenvalues come from ``esdwatch.engine.spectrum.eigenvalues`` (float64 Gram + eigvalsh); the
+classifier (``esdwatch.engine.phases.classify``, MP fit + power-law fit + rules) is timed
 separately. Prints and writes ``experiments/results/phase_benchmark.md``: confusion
 matrix, per-phase accuracy, accuracy by size, misclassified cases with the classifier's
 reason, and speed.
@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esdwatch import synthetic
-from esdwatch.phases import Phase, classify
-from esdwatch.spectrum import eigenvalues
+from esdwatch.engine import synthetic
+from esdwatch.engine.phases import Phase, classify
+from esdwatch.engine.spectrum import eigenvalues
 
 PHASES = [Phase.RANDOM_LIKE, Phase.BLEEDING_OUT, Phase.BULK_PLUS_SPIKES, Phase.BULK_DECAY, Phase.HEAVY_TAILED,
           Phase.RANK_COLLAPSE]
@@ -159,8 +159,8 @@ def render(rows, redraws, times, args) -> str:
         f"`python experiments/phase_benchmark.py` - {args.per_phase} matrices per phase, {n} in all; "
         f"N log-uniform in [{args.n_lo}, {args.n_hi}], Q = N/M log-uniform in [1, {args.q_hi:g}], "
         f"scale sigma = 10^U(-3, 2), seeds {SEED_BASE}+ (disjoint from the tests' and the tuning runs'), "
-        f"draw seed {args.seed}. Generators: `esdwatch.synthetic` defaults (the unambiguous parameter "
-        "ranges of its module docstring); classifier: `esdwatch.phases.classify` with the default "
+        f"draw seed {args.seed}. Generators: `esdwatch.engine.synthetic` defaults (the unambiguous parameter "
+        "ranges of its module docstring); classifier: `esdwatch.engine.phases.classify` with the default "
         "`PhaseThresholds`.\n"
     )
     if redraws:
@@ -180,7 +180,7 @@ def render(rows, redraws, times, args) -> str:
     lines.append(f"\nOverall accuracy {overall:.1%}; worst phase {min(accs.values()):.1%} (target: >= 95% on every phase).\n")
     lines.append(
         "What this measures: agreement between the classifier's rules and generators drawn from "
-        "parameter ranges where the phase is unambiguous (`esdwatch.synthetic` docstring). The ranges "
+        "parameter ranges where the phase is unambiguous (`esdwatch.engine.synthetic` docstring). The ranges "
         "leave gaps around the rule thresholds on purpose (e.g. Bleeding-out outliers placed at most 1.2 "
         "lambda_plus, spikes at least 2 lambda_plus, rule threshold 1.5; Bulk-decay lambda_max < 7 "
         "lambda_plus and at most ~30% of ||W||_F^2 above the edge where the Heavy-Tailed rule needs 40%, "

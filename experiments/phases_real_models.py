@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from esdwatch.analyzer import analyze
-from esdwatch.phases import Phase
+from esdwatch.engine.analyzer import analyze
+from esdwatch.engine.phases import Phase
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ORDER = [p.value for p in Phase if p is not Phase.UNKNOWN] + ["Unknown", "unknown"]
@@ -174,7 +174,7 @@ reported 1-4 traps in conv2, conv3 and fc1 with delocalized top eigenvectors: th
 entries have a mean of -0.005 to -0.010, |mu| sqrt(M) / sigma = 0.8-1.6, and the
 rank-one matrix mu 1 1^T survives any permutation as one outlier above the BBP
 threshold. That is not a large-element pathology, so the randomization is now centered
-(`esdwatch.traps.randomize_matrix`), which removes exactly those and keeps all of
+(`esdwatch.engine.traps.randomize_matrix`), which removes exactly those and keeps all of
 MiniLM's. Already after 2
 epochs (`--quick`) the convs are Heavy-Tailed and the FC layers Bulk-decay: with a
 large Adam learning rate the ESDs leave the MP bulk very early, as Kothapalli et al.
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
         "Columns: `mass_above_edge` / `energy_above_edge` = share of the eigenvalues / of ||W||_F^2 "
         "beyond the fitted MP edge + 4 Tracy-Widom scales; `edge_ratio` = lambda_max / lambda_plus; "
         "`num_near_edge` = those below 1.5 lambda_plus; `num_spikes` = the others (see "
-        "`esdwatch.phases` for the rules).\n",
+        "`esdwatch.engine.phases` for the rules).\n",
         "## Summary\n",
         "| model | layers | phases |",
         "|---|---|---|",

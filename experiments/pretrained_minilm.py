@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import common as C  # noqa: E402
 import esdwatch  # noqa: E402
-from esdwatch.figures import draw_esd  # noqa: E402
+from esdwatch.reporting.figures import draw_esd  # noqa: E402
 
 NAME = "pretrained_minilm"
 KINDS = (("attention.self.query", "Q"), ("attention.self.key", "K"), ("attention.self.value", "V"),

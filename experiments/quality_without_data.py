@@ -12,7 +12,7 @@ Here: one architecture (``common.MiniAlexNet``, the CNN of experiment 2) trained
 scikit-learn's 8x8 digits with a grid of batch sizes and learning rates (SGD, momentum
 0.9, the same number of epochs and the same initialization for every model), each run
 watched by ``ESDMonitor``; the model-level averages are the monitor's summary of its
-final snapshot (``esdwatch.report.summarize`` over the analysed layers: conv2, FC1, FC2).
+final snapshot (``esdwatch.schema.summarize`` over the analysed layers: conv2, FC1, FC2).
 Reported: Kendall tau (and Spearman rho) between test accuracy and each metric over all
 models, and within each fixed-learning-rate and fixed-batch-size series.
 
@@ -95,7 +95,7 @@ def report(res: C.Results, models: list[dict], cfg: dict, n_train: int, n_test: 
         f"pixels in [0, 1]) with SGD (momentum {MOMENTUM}), batch sizes {cfg['batches']} x learning rates "
         f"{cfg['lrs']}, {cfg['epochs']} epochs each, one initialization. Each run had "
         f"`ESDMonitor(every_n_epochs={cfg['epochs']})` attached; the model metrics are the averages over the "
-        f"analysed layers of its final snapshot's records (`esdwatch.report.summarize`, what the monitor logs as "
+        f"analysed layers of its final snapshot's records (`esdwatch.schema.summarize`, what the monitor logs as "
         f"`esdwatch/summary/*`). Test accuracy is measured on the held-out split after training.")
 
     rows = []

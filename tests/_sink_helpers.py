@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from esdwatch import analyze_matrix
-from esdwatch.records import LayerRecord
-from esdwatch.synthetic import make_phase_matrix
+from esdwatch.schema import LayerRecord
+from esdwatch.engine.synthetic import make_phase_matrix
 
 
 def synthetic_snapshots(layers: Mapping[str, str], steps: Sequence[int]) -> dict[int, list[LayerRecord]]:

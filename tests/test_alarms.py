@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from esdwatch import synthetic
+from esdwatch.engine import synthetic
 from esdwatch.alarms import (
     ALPHA_HIGH,
     ALPHA_LOW,
@@ -20,8 +20,9 @@ from esdwatch.alarms import (
     AlarmRule,
     evaluate_alarms,
 )
-from esdwatch.analyzer import analyze_matrix
-from esdwatch.report import ModelReport, LayerReport
+from esdwatch.engine.analyzer import analyze_matrix
+from esdwatch.engine.model_report import ModelReport
+from esdwatch.schema import LayerReport
 
 
 

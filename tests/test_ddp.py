@@ -28,9 +28,9 @@ from torch import nn
 L = pytest.importorskip("lightning.pytorch")
 dist = pytest.importorskip("torch.distributed")
 
-from esdwatch.analyzer import analyze_layers  # noqa: E402
-from esdwatch.distributed import assign_owners, layer_cost  # noqa: E402
-from esdwatch.layers import find_layers  # noqa: E402
+from esdwatch.engine.analyzer import analyze_layers  # noqa: E402
+from esdwatch.monitor.distributed import assign_owners, layer_cost  # noqa: E402
+from esdwatch.engine.layers import find_layers  # noqa: E402
 from esdwatch.lightning import ESDMonitor  # noqa: E402
 from esdwatch.monitor import Monitor  # noqa: E402
 from esdwatch.sinks.jsonl import read_alarms, read_distributed, read_records, read_segments  # noqa: E402
@@ -157,7 +157,7 @@ def test_assign_owners_is_cost_balanced_and_deterministic():
 
 
 def test_layer_cost_and_chunks_follow_torch_chunk():
-    from esdwatch.distributed import _chunk_sizes
+    from esdwatch.monitor.distributed import _chunk_sizes
 
     mats = find_layers(_model(), min_evals=8)[0]
     assert [layer_cost(m) for m in mats] == [64 * 24 ** 2, 64 * 48 ** 2, 48 * 32 ** 2]
@@ -169,7 +169,7 @@ def test_layer_cost_and_chunks_follow_torch_chunk():
 
 
 def test_fsdp_names_are_cleaned_and_unit_patterns_select_only_their_modules():
-    from esdwatch.distributed import _only, clean_fsdp_name
+    from esdwatch.monitor.distributed import _only, clean_fsdp_name
 
     assert clean_fsdp_name("net.0._fsdp_wrapped_module") == "net.0"
     assert clean_fsdp_name("_fsdp_wrapped_module.enc._checkpoint_wrapped_module.attn.in_proj.q") == "enc.attn.in_proj.q"

@@ -1,4 +1,4 @@
-"""Figures (esdwatch.figures) and the shared sink helpers they draw from.
+"""Figures (esdwatch.reporting.figures) and the shared sink helpers they draw from.
 
 Real matplotlib (Agg canvas), real analyses of synthetic matrices of known phase; the
 assertions read the drawn artists and rendered pixels back.
@@ -14,12 +14,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from esdwatch import figures as F
+from esdwatch.reporting import figures as F
 from esdwatch import analyze_matrix
-from esdwatch.phases import Phase
-from esdwatch.records import LayerRecord
+from esdwatch.engine.phases import Phase
+from esdwatch.schema import LayerRecord
 from esdwatch.sinks.metrics_logger import PHASES, layer_order, log10_histogram, phase_name, phase_ordinal
-from esdwatch.synthetic import make_phase_matrix
+from esdwatch.engine.synthetic import make_phase_matrix
 
 
 @pytest.fixture(scope="module")
@@ -218,14 +218,14 @@ def test_without_matplotlib_figures_name_the_extra_and_the_tensorboard_sink_stil
         sys.modules["matplotlib"] = None  # as if it were not installed
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         import numpy as np
-        from esdwatch import figures as F
+        from esdwatch.reporting import figures as F
         try:
             F.require_matplotlib()
         except ImportError as exc:
             print("IMPORT-ERROR:", exc)
         from torch.utils.tensorboard import SummaryWriter
-        from esdwatch.records import LayerRecord
-        from esdwatch.report import LayerReport
+        from esdwatch.schema import LayerRecord
+        from esdwatch.schema import LayerReport
         from esdwatch.sinks.tensorboard import TensorBoardSink
         w = SummaryWriter({str(tmp_path)!r})
         sink = TensorBoardSink(w, figure_every=1)

@@ -29,8 +29,8 @@ from torch import nn
 
 dist = pytest.importorskip("torch.distributed")
 
-from esdwatch.distributed import assign_owners, layer_cost  # noqa: E402
-from esdwatch.report import LayerReport  # noqa: E402
+from esdwatch.monitor.distributed import assign_owners, layer_cost  # noqa: E402
+from esdwatch.schema import LayerReport  # noqa: E402
 from esdwatch.sinks.jsonl import read_distributed, read_records  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -60,9 +60,9 @@ def _model() -> nn.Sequential:
 def _worker(rank: int, world: int, out: str, kind: str, port: int) -> None:
     import torch.distributed as dist
 
-    from esdwatch.analyzer import analyze_layers
-    from esdwatch.distributed import clean_fsdp_name, gather_to_owner, is_dtensor
-    from esdwatch.layers import find_layers
+    from esdwatch.engine.analyzer import analyze_layers
+    from esdwatch.monitor.distributed import clean_fsdp_name, gather_to_owner, is_dtensor
+    from esdwatch.engine.layers import find_layers
     from esdwatch.monitor import Monitor
 
     torch.set_num_threads(1)

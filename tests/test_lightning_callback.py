@@ -19,10 +19,10 @@ import torch
 
 L = pytest.importorskip("lightning.pytorch")
 
-from esdwatch.analyzer import analyze_layers  # noqa: E402
+from esdwatch.engine.analyzer import analyze_layers  # noqa: E402
 from esdwatch.lightning import ESDMonitor, LightningESDMonitor  # noqa: E402
 from esdwatch.monitor import EsdwatchError, EsdwatchWarning  # noqa: E402
-from esdwatch.report import summarize  # noqa: E402
+from esdwatch.schema import summarize  # noqa: E402
 from esdwatch.sinks.jsonl import read_alarms, read_records  # noqa: E402
 
 import _lightning_helpers as H  # noqa: E402
@@ -61,7 +61,7 @@ def test_records_at_exactly_the_scheduled_steps_and_monitorable_summaries(tmp_pa
     records = read_records(tmp_path / "esdwatch")
     final = [r.report for r in records if r.global_step == 23]
     # the final record is the analysis of the final weights
-    from esdwatch.layers import find_layers
+    from esdwatch.engine.layers import find_layers
 
     expected = analyze_layers(find_layers(model, min_evals=8)[0], cb.monitor.config)
     assert [(r.alpha, r.stable_rank, r.entropy) for r in final] == [(r.alpha, r.stable_rank, r.entropy) for r in expected]
@@ -322,7 +322,7 @@ def test_two_unnamed_monitors_writing_one_directory_are_refused_at_setup(tmp_pat
 def test_keep_evals_gives_the_report_its_spectra_without_extra_wiring(tmp_path):
     """keep_evals=True and no sink argument (what the demo does): spectra.jsonl is written next to
     records.jsonl, once per (step, layer), and esdwatch report draws the ESD panels from it."""
-    from esdwatch.html_report import build_report
+    from esdwatch.reporting.html import build_report
     from esdwatch.sinks.spectra import SpectraSink, read_spectra
 
     cb = ESDMonitor(every_n_steps=5, at_start=True, keep_evals=True, on_backpressure="block", **OPTS)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from esdwatch.metrics import (
+from esdwatch.engine.metrics import (
     layer_metrics,
     log_alpha_norm,
     log_norm,

@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from esdwatch.alarm_policy import AlarmPolicy
+from esdwatch.alarms.policy import AlarmPolicy
 from esdwatch.alarms import Alarm, AlarmRule
-from esdwatch.analyzer import analyze_layers
-from esdwatch.layers import find_layers
+from esdwatch.engine.analyzer import analyze_layers
+from esdwatch.engine.layers import find_layers
 from esdwatch.monitor import EsdwatchError, EsdwatchWarning, Monitor, auto_interval
-from esdwatch.records import LayerRecord
-from esdwatch.report import LayerReport
+from esdwatch.schema import LayerRecord
+from esdwatch.schema import LayerReport
 from esdwatch.sinks.jsonl import JsonlSink, read_alarms, read_records
 
 FIELDS = ("alpha", "lambda_max", "stable_rank", "entropy", "log_norm", "mp_softrank", "status", "N", "M")
@@ -227,7 +227,7 @@ def test_no_analyzable_layer_warns_once_and_training_continues(tmp_path):
 
 
 def test_a_failure_inside_esdwatch_skips_the_snapshot_and_training_goes_on(tmp_path, monkeypatch, caplog):
-    import esdwatch.monitor as monitor_mod
+    import esdwatch.monitor.monitor as monitor_mod
 
     calls = []
 

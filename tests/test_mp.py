@@ -1,4 +1,4 @@
-"""Tests of esdwatch.mp: Marchenko-Pastur law, robust MP fit, Tracy-Widom edge, spikes."""
+"""Tests of esdwatch.engine.mp: Marchenko-Pastur law, robust MP fit, Tracy-Widom edge, spikes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from esdwatch.mp import (
+from esdwatch.engine.mp import (
     DEFAULT_TW_MARGIN,
     MPFit,
     fit_mp,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from esdwatch import synthetic
-from esdwatch.phases import (
+from esdwatch.engine import synthetic
+from esdwatch.engine.phases import (
     DEFAULT_THRESHOLDS,
     Phase,
     PhaseResult,
@@ -183,7 +183,7 @@ def test_structural_zeros_of_a_rectangular_matrix_are_not_collapse(shape):
 
 
 def test_structural_zeros_through_analyze_matrix():
-    from esdwatch.analyzer import analyze_matrix
+    from esdwatch.engine.analyzer import analyze_matrix
 
     W = torch.randn(100, 1000, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     rep = analyze_matrix(W, traps=False)
@@ -260,7 +260,7 @@ def test_thresholds_are_configurable():
 
 
 def test_classify_report_fills_the_phase_fields():
-    from esdwatch.analyzer import analyze_matrix
+    from esdwatch.engine.analyzer import analyze_matrix
 
     W = synthetic.heavy_tailed(300, 150, seed=2, mu=1.3)
     rep = analyze_matrix(W, traps=False, keep_evals=True)
@@ -277,8 +277,8 @@ def test_classify_report_fills_the_phase_fields():
 
 @pytest.mark.parametrize("generator", ["random_like", "bleeding_out", "bulk_plus_spikes", "bulk_decay", "heavy_tailed", "rank_collapse"])
 def test_a_shared_mp_fit_gives_the_same_decision(generator):
-    from esdwatch.mp import fit_mp
-    from esdwatch.spectrum import eigenvalues
+    from esdwatch.engine.mp import fit_mp
+    from esdwatch.engine.spectrum import eigenvalues
 
     for seed in (0, 1):
         W = getattr(synthetic, generator)(600, 300, seed)

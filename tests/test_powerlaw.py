@@ -1,4 +1,4 @@
-"""Tests of esdwatch.powerlaw.fit_power_law against closed forms and the references.
+"""Tests of esdwatch.engine.powerlaw.fit_power_law against closed forms and the references.
 
 References: powerlaw 2.0.0 ``Fit(x, parameter_ranges={'alpha': [1, 100]})`` and
 weightwatcher 0.7.7 ``analyze()`` defaults on the CPU. Run this file as a script for a
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-import esdwatch.powerlaw as pl_module
-from esdwatch.powerlaw import PowerLawFit, fit_power_law
+import esdwatch.engine.powerlaw as pl_module
+from esdwatch.engine.powerlaw import PowerLawFit, fit_power_law
 
 ALPHA_TOL = 1e-9
 D_TOL = 1e-9

@@ -15,8 +15,8 @@ import torch
 
 from _sink_helpers import fit_digits
 from esdwatch.alarms import AlarmRule
-from esdwatch.phases import Phase
-from esdwatch.report import SUMMARY_METRICS
+from esdwatch.engine.phases import Phase
+from esdwatch.schema import SUMMARY_METRICS
 from esdwatch.sinks import MetricsLoggerSink, read_alarms, read_records, sinks_for_loggers
 from esdwatch.sinks.metrics_logger import COUNT_METRICS, SCALAR_METRICS
 
@@ -100,7 +100,7 @@ def test_import_esdwatch_and_sinks_loads_no_dashboard_package():
         import sys
         import esdwatch, esdwatch.sinks
         from esdwatch.sinks import TensorBoardSink, WandbSink, MetricsLoggerSink, sinks_for_loggers
-        import esdwatch.figures, esdwatch.html_report
+        import esdwatch.reporting.figures, esdwatch.reporting.html
         assert sinks_for_loggers([]) == []
         heavy = [m for m in ("tensorboard", "torch.utils.tensorboard", "tensorboardX", "wandb", "matplotlib")
                  if m in sys.modules]

@@ -14,9 +14,9 @@ import torch
 
 from _sink_helpers import fit_digits, synthetic_snapshots
 from esdwatch.alarms import Alarm
-from esdwatch.phases import Phase
-from esdwatch.records import LayerRecord
-from esdwatch.report import SUMMARY_METRICS
+from esdwatch.engine.phases import Phase
+from esdwatch.schema import LayerRecord
+from esdwatch.schema import SUMMARY_METRICS
 from esdwatch.sinks import TensorBoardSink, read_records, sinks_for_loggers
 from esdwatch.sinks.metrics_logger import COUNT_METRICS, SCALAR_METRICS
 

@@ -17,7 +17,7 @@ import torch
 
 from _sink_helpers import fit_digits, synthetic_snapshots
 from esdwatch.alarms import Alarm, AlarmRule
-from esdwatch.phases import Phase
+from esdwatch.engine.phases import Phase
 from esdwatch.sinks import read_records, sinks_for_loggers
 
 wandb = pytest.importorskip("wandb")

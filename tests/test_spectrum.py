@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from esdwatch.spectrum import batch_eigenvalues, eigenvalues, resolve_backend, resolve_method
+from esdwatch.engine.spectrum import batch_eigenvalues, eigenvalues, resolve_backend, resolve_method
 
 BACKENDS = ["torch", "blas"]
 
@@ -150,7 +150,7 @@ def test_blas_thread_pool_gives_the_serial_results():
 
 
 def test_deferred_matrices_are_built_where_they_are_decomposed():
-    from esdwatch.spectrum import DeferredMatrix
+    from esdwatch.engine.spectrum import DeferredMatrix
 
     gen = torch.Generator().manual_seed(7)
     mats = [torch.randn(150, 60, generator=gen), torch.randn(9, 30, 20, generator=gen)]

@@ -1,4 +1,4 @@
-"""Seeded generators of matrices of known phase (esdwatch.synthetic)."""
+"""Seeded generators of matrices of known phase (esdwatch.engine.synthetic)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from esdwatch import synthetic
-from esdwatch.phases import Phase
+from esdwatch.engine import synthetic
+from esdwatch.engine.phases import Phase
 
 
 

@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("tensorboard")
 
 from _sink_helpers import fit_digits
-from esdwatch.phases import Phase  # noqa: E402
+from esdwatch.engine.phases import Phase  # noqa: E402
 from esdwatch.sinks import read_records  # noqa: E402
 
 RUN = "version_0"

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from esdwatch.threads import blas_control_available, limit_blas_threads, limit_openmp_threads
+from esdwatch.engine.threads import blas_control_available, limit_blas_threads, limit_openmp_threads
 
 
 def _in_thread(fn):

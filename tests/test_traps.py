@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from esdwatch import synthetic
-from esdwatch.spectrum import batch_eigenvalues
-from esdwatch.traps import (
+from esdwatch.engine import synthetic
+from esdwatch.engine.spectrum import batch_eigenvalues
+from esdwatch.engine.traps import (
     TrapEntry,
     correlation_traps,
     esd_distance,
@@ -73,7 +73,7 @@ def test_a_mean_offset_is_not_a_trap():
     W = gaussian(8) + 0.2  # |mu| sqrt(M) / sigma = 2.8 > (M / N)^(1/4): above the BBP threshold
     R = randomize_matrix(W, seed=0, center=False)
     ev_plain = batch_eigenvalues([R])[0]
-    from esdwatch.mp import fit_mp
+    from esdwatch.engine.mp import fit_mp
 
     fit = fit_mp(ev_plain.numpy(), N, M)
     assert (ev_plain.numpy() > fit.lambda_plus + 4 * fit.tw_scale).sum() == 1  # the mean's outlier
@@ -192,9 +192,9 @@ def test_trap_fields_from_evals_matches_correlation_traps():
 
 
 def test_trap_fields_for_a_layer_matrix_in_stored_coordinates():
-    from esdwatch.analyzer import AnalysisConfig
-    from esdwatch.layers import LayerMatrix
-    from esdwatch.report import LayerReport
+    from esdwatch.engine.analyzer import AnalysisConfig
+    from esdwatch.engine.layers import LayerMatrix
+    from esdwatch.schema import LayerReport
 
     stored = with_large_entries(gaussian(6), INJECTED).T.contiguous()  # a (out=200, in=400) parameter
     mat = LayerMatrix(name="fc", kind="linear", module_type="Linear", weight=stored.T.unsqueeze(0),
@@ -207,7 +207,7 @@ def test_trap_fields_for_a_layer_matrix_in_stored_coordinates():
 
 
 def test_analyze_matrix_runs_traps_by_default():
-    from esdwatch.analyzer import analyze_matrix
+    from esdwatch.engine.analyzer import analyze_matrix
 
     rep = analyze_matrix(with_large_entries(gaussian(7), INJECTED))
     assert rep.num_traps == 3 and rep.trap_entries

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from esdwatch.analyzer import AnalysisConfig, analyze_layers
-from esdwatch.layers import find_layers
-from esdwatch.snapshot import BufferPool, take_snapshot
-from esdwatch.worker import Job, ProcessExecutor, ThreadExecutor, make_executor, run_analysis
+from esdwatch.engine.analyzer import AnalysisConfig, analyze_layers
+from esdwatch.engine.layers import find_layers
+from esdwatch.monitor.snapshot import BufferPool, take_snapshot
+from esdwatch.monitor.worker import Job, ProcessExecutor, ThreadExecutor, make_executor, run_analysis
 
 CONFIG = AnalysisConfig(traps=False)
 FIELDS = ("alpha", "lambda_max", "stable_rank", "entropy", "log_norm", "mp_softrank", "num_evals", "status")

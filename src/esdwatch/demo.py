@@ -167,8 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "and the analysis worker gets a core)")
     args = parser.parse_args(argv)
 
-    from .lightning import callback_class
-    from .sinks.jsonl import read_alarms, read_records
+    from esdwatch.integrations.lightning import callback_class
+    from esdwatch.sinks.jsonl import read_alarms, read_records
 
     torch.manual_seed(args.seed)
     if args.threads:

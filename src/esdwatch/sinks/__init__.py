@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import Sink
+from esdwatch.sinks.base import Sink
 
 # public name -> submodule that defines it (loaded on first access)
 _EXPORTS: dict[str, str] = {

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
-from ..alarms import Alarm
-from ..records import LayerRecord
+from esdwatch.alarms.rules import Alarm
+from esdwatch.schema import LayerRecord
 
 
 @runtime_checkable

@@ -35,9 +35,9 @@ _HINTS = {"tensorboard": "pip install 'esdwatch[tensorboard]'", "wandb": "pip in
 
 
 def _classes() -> dict[str, type]:
-    from .metrics_logger import MetricsLoggerSink
-    from .tensorboard import TensorBoardSink
-    from .wandb import WandbSink
+    from esdwatch.sinks.metrics_logger import MetricsLoggerSink
+    from esdwatch.sinks.tensorboard import TensorBoardSink
+    from esdwatch.sinks.wandb import WandbSink
 
     return {"tensorboard": TensorBoardSink, "wandb": WandbSink, "metrics": MetricsLoggerSink}
 

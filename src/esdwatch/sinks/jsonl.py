@@ -4,12 +4,12 @@ Layout of an output directory (``<log_dir>/esdwatch/``, or ``<log_dir>/esdwatch/
 for a named monitor):
 
 ``records.jsonl``
-    One JSON line per :class:`~esdwatch.records.LayerRecord` (one layer at one
+    One JSON line per :class:`~esdwatch.schema.LayerRecord` (one layer at one
     snapshot), appended one snapshot at a time with a single ``write`` and flushed, so a
     crash leaves at most a truncated last line, which readers skip (and the next writer
     terminates before appending).
 ``alarms.jsonl``
-    One JSON line per fired :class:`~esdwatch.alarms.Alarm`, plus its ``segment``.
+    One JSON line per fired :class:`~esdwatch.alarms.rules.Alarm`, plus its ``segment``.
 ``segments.jsonl``
     One line per run segment that wrote here: ``{"segment": k, "resumed_from_step": S}``
     (``S`` is null for a fresh start).
@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..alarms import Alarm
-from ..records import LayerRecord
+from esdwatch.alarms.rules import Alarm
+from esdwatch.schema import LayerRecord
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..alarms import Alarm
-from ..records import LayerRecord
-from ..report import SUMMARY_METRICS, LayerReport, summarize
+from esdwatch.alarms.rules import Alarm
+from esdwatch.schema import LayerRecord
+from esdwatch.schema import SUMMARY_METRICS, LayerReport, summarize
 
 log = logging.getLogger("esdwatch.sinks")
 
@@ -78,7 +78,7 @@ _PHASE_BY_NORM.update({"bulkspike": 2, "heavytail": 4, "rankcollapsed": 5, "rand
 
 def _phase_enum():
     try:
-        from ..phases import Phase
+        from esdwatch.engine.phases import Phase
     except ImportError:  # classifier not in this build: the fallback table below
         return None
     return Phase
@@ -87,7 +87,7 @@ def _phase_enum():
 def phase_ordinal(phase: Any) -> int | None:
     """Ordinal 0..5 of a phase (a ``Phase`` member or its value string), None for unknown.
 
-    Uses ``esdwatch.phases.Phase`` (``Phase.parse(value).order``) when available, else
+    Uses ``esdwatch.engine.phases.Phase`` (``Phase.parse(value).order``) when available, else
     :data:`PHASES`; either way the match is case-insensitive ("Heavy-Tailed",
     "heavy_tailed", "HEAVY_TAILED").
     """
@@ -149,7 +149,7 @@ def scalar_metrics(
     """``{"<prefix>/<metric>/<layer>": value, ..., "<prefix>/summary/<metric>": mean}``.
 
     Non-computed values are left out. The summary averages each of
-    :data:`esdwatch.report.SUMMARY_METRICS` over the layers where it is finite.
+    :data:`esdwatch.schema.SUMMARY_METRICS` over the layers where it is finite.
     """
     records = list(records)
     out: dict[str, float] = {}

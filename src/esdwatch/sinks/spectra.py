@@ -35,9 +35,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..alarms import Alarm
-from ..records import LayerRecord
-from .metrics_logger import Log10Histogram, log10_histogram
+from esdwatch.alarms.rules import Alarm
+from esdwatch.schema import LayerRecord
+from esdwatch.sinks.metrics_logger import Log10Histogram, log10_histogram
 
 log = logging.getLogger("esdwatch.sinks")
 

@@ -14,7 +14,7 @@ What a snapshot at global step S writes (``<p>`` is the prefix, ``esdwatch`` or
     each with ``add_scalar`` (never ``add_scalars``, which makes a run directory per
     key); values that were not computed are left out.
 ``<p>/summary/<metric>`` (scalar)
-    the model averages (:data:`esdwatch.report.SUMMARY_METRICS`).
+    the model averages (:data:`esdwatch.schema.SUMMARY_METRICS`).
 custom-scalars layout
     written once per writer at the first snapshot (``add_custom_scalars`` may only be
     called once per writer): one multi-line chart per metric with every layer, matched
@@ -27,7 +27,7 @@ custom-scalars layout
 ``<p>/esd_figure/<layer>``, ``<p>/phase_map`` (images)
     every ``figure_every`` snapshots (the first included) and at ``close()`` for the
     last one: the ESD on log-log axes with the MP and power-law fits, and the phase map
-    of every snapshot so far (:mod:`esdwatch.figures`, needs matplotlib).
+    of every snapshot so far (:mod:`esdwatch.reporting.figures`, needs matplotlib).
 ``<p>/layers`` (text)
     a markdown table of every layer: phase, alpha, entropy, soft rank.
 ``<p>/alarms`` (text)
@@ -47,9 +47,9 @@ import re
 import weakref
 from typing import Any, Sequence
 
-from ..alarms import Alarm
-from ..records import LayerRecord
-from .metrics_logger import SCALAR_METRICS, log10_histogram, phase_name, prefix_for, scalar_metrics
+from esdwatch.alarms.rules import Alarm
+from esdwatch.schema import LayerRecord
+from esdwatch.sinks.metrics_logger import SCALAR_METRICS, log10_histogram, phase_name, prefix_for, scalar_metrics
 
 log = logging.getLogger("esdwatch.sinks")
 
@@ -271,7 +271,7 @@ class TensorBoardSink:
 
     def _write_figures(self, step: int, wall: float | None) -> None:
         try:
-            from .. import figures as F
+            from esdwatch.reporting import figures as F
 
             F.require_matplotlib()
         except ImportError as exc:

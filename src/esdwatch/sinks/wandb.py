@@ -35,9 +35,9 @@ import math
 import time
 from typing import Any, Callable, Sequence
 
-from ..alarms import Alarm
-from ..records import LayerRecord
-from .metrics_logger import SCALAR_METRICS, log10_histogram, phase_name, prefix_for, scalar_metrics
+from esdwatch.alarms.rules import Alarm
+from esdwatch.schema import LayerRecord
+from esdwatch.sinks.metrics_logger import SCALAR_METRICS, log10_histogram, phase_name, prefix_for, scalar_metrics
 
 log = logging.getLogger("esdwatch.sinks")
 
@@ -231,7 +231,7 @@ class WandbSink:
             out[f"{self.prefix}/layers"] = self._wb.Table(columns=list(TABLE_COLUMNS), data=rows)
         if self.figures:
             try:
-                from .. import figures as F
+                from esdwatch.reporting import figures as F
 
                 F.require_matplotlib()
             except ImportError as exc:

@@ -1,6 +1,6 @@
 """Alarm policy over time: patience, actions and phase transitions.
 
-:func:`esdwatch.alarms.evaluate_alarms` says which layers of *one* snapshot cross a
+:func:`esdwatch.alarms.rules.evaluate_alarms` says which layers of *one* snapshot cross a
 threshold. :class:`AlarmPolicy` adds what needs history:
 
 * ``patience``: an alarm of kind K on layer L *fires* only when K has been raised for L
@@ -9,7 +9,7 @@ threshold. :class:`AlarmPolicy` adds what needs history:
   condition clears. A layer that disappears (removed, renamed, frozen out by filters)
   loses its counters; a layer whose analysis failed keeps them unchanged.
 * phase transitions (informational, kind ``phase_transition``): a layer's phase (from
-  :mod:`esdwatch.phases`, ``LayerReport.phase``) changes only when the new phase has
+  :mod:`esdwatch.engine.phases`, ``LayerReport.phase``) changes only when the new phase has
   been seen on ``patience["phase_transition"]`` consecutive snapshots; the first known
   phase of a layer sets its baseline silently. The history of confirmed transitions is
   kept (``history``).
@@ -18,7 +18,7 @@ threshold. :class:`AlarmPolicy` adds what needs history:
   identically on every rank by the caller) or any callable ``(trainer, alarm) -> None``.
   Defaults: ``non_finite`` stops (patience 1); every other kind logs (patience 2).
 
-The policy is pure bookkeeping (no I/O): :class:`esdwatch.monitor.Monitor` dispatches
+The policy is pure bookkeeping (no I/O): :class:`esdwatch.monitor.monitor.Monitor` dispatches
 the actions. Its :meth:`state_dict` round-trips through a checkpoint.
 """
 
@@ -28,7 +28,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
-from .alarms import (
+from esdwatch.alarms.rules import (
     ALARM_KINDS,
     NON_FINITE,
     PHASE_TRANSITION,
@@ -36,7 +36,7 @@ from .alarms import (
     AlarmRule,
     evaluate_alarms,
 )
-from .report import STATUS_FAILED, STATUS_OK, LayerReport
+from esdwatch.schema import STATUS_FAILED, STATUS_OK, LayerReport
 
 __all__ = [
     "Action",
@@ -85,7 +85,7 @@ class AlarmPolicy:
     Parameters
     ----------
     rules:
-        Threshold rules (default :data:`esdwatch.alarms.DEFAULT_RULES`); non-finite
+        Threshold rules (default :data:`esdwatch.alarms.rules.DEFAULT_RULES`); non-finite
         weights always raise ``non_finite``.
     patience:
         Consecutive snapshots before an alarm fires: one int for every kind, or a

@@ -12,7 +12,7 @@ Definitions
 -----------
 * ``num_traps``: randomized eigenvalues above ``lambda_plus_rand + tw_margin * s_rand``,
   with lambda_plus_rand and the Tracy-Widom scale s_rand from the robust MP fit
-  (:func:`esdwatch.mp.fit_mp`) of the *randomized* ESD and ``tw_margin`` = 4 (the spike
+  (:func:`esdwatch.engine.mp.fit_mp`) of the *randomized* ESD and ``tw_margin`` = 4 (the spike
   margin of the MP fit: a pure-noise matrix passes it with probability < 1e-3).
 * ``rand_distance``: the Jensen-Shannon distance (base 2, in [0, 1]) between the
   histograms of log10(lambda) of W and of its randomization, on common bins. Why this
@@ -47,8 +47,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .mp import DEFAULT_TW_MARGIN, fit_mp
-from .spectrum import batch_eigenvalues
+from esdwatch.engine.mp import DEFAULT_TW_MARGIN, fit_mp
+from esdwatch.engine.spectrum import batch_eigenvalues
 
 __all__ = [
     "TrapEntry",
@@ -399,7 +399,7 @@ def correlation_traps(
     tw_margin:
         Traps are randomized eigenvalues beyond ``lambda_plus_rand + tw_margin * s_TW``.
     dtype, device, method, scale:
-        As in :func:`esdwatch.spectrum.eigenvalues`; W and its randomization are
+        As in :func:`esdwatch.engine.spectrum.eigenvalues`; W and its randomization are
         decomposed in one batched call.
     keep_evals:
         Keep the randomized eigenvalues on the result.
@@ -432,7 +432,7 @@ def correlation_traps(
 
 
 def trap_fields(mat: Any, report: Any, config: Any) -> dict[str, Any]:
-    """Trap fields of one :class:`~esdwatch.layers.LayerMatrix` for the analyzer.
+    """Trap fields of one :class:`~esdwatch.engine.layers.LayerMatrix` for the analyzer.
 
     Uses ``report.evals`` when the report kept them; otherwise W and its randomization
     are decomposed together in one batched call (so the original spectrum is computed

@@ -90,7 +90,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .report import SkippedLayer
+from esdwatch.schema import SkippedLayer
 
 __all__ = ["LayerMatrix", "SkippedLayer", "find_layers", "iter_layers", "KINDS", "CONV_MODES"]
 

@@ -1,6 +1,6 @@
 """Distributed runs: which rank analyses which layer, and how its full matrix gets there.
 
-:class:`esdwatch.monitor.Monitor` (and the Lightning ``ESDMonitor`` over it) uses this
+:class:`esdwatch.monitor.monitor.Monitor` (and the Lightning ``ESDMonitor`` over it) uses this
 module when ``world_size > 1``. The protocol, on every rank, at the same points of
 training (the scheduled snapshot steps, epoch ends, the end of training, checkpoints):
 
@@ -14,7 +14,7 @@ training (the scheduled snapshot steps, epoch ends, the end of training, checkpo
 2. **Snapshot decision**: a snapshot is taken when every rank has a free slot, else it is
    skipped on every rank, so snapshot numbers never diverge between ranks.
 3. **Sharing** (:func:`assign_owners`): the matrices found by
-   :func:`esdwatch.layers.find_layers` (same list, same order on every rank) are dealt to
+   :func:`esdwatch.engine.layers.find_layers` (same list, same order on every rank) are dealt to
    the ranks by cost, largest first to the least loaded rank (LPT), with the cost of a
    matrix ``S * N * M**2`` (Gram matrix and eigendecomposition of S slices of N x M,
    N >= M). Deterministic: every rank computes the same owners without communicating.
@@ -28,7 +28,7 @@ training (the scheduled snapshot steps, epoch ends, the end of training, checkpo
    a time with ``summon_full_params(unit, recurse=False, writeback=False)``, and the
    owner of each matrix of that unit copies it to host memory before the unit is
    resharded (:func:`fsdp1_units`).
-5. **Stop** (:meth:`esdwatch.monitor.Monitor.sync_stop`): right after the exchange, the
+5. **Stop** (:meth:`esdwatch.monitor.monitor.Monitor.sync_stop`): right after the exchange, the
    stop decision of rank 0's alarm policy is reduced over all ranks (Lightning:
    ``trainer.strategy.reduce_boolean_decision``; plain loops: :meth:`Comm.any`), so all
    ranks stop at the same step.
@@ -78,8 +78,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .layers import LayerMatrix, _clean_name, _unwrap, find_layers
-from .report import SkippedLayer
+from esdwatch.engine.layers import LayerMatrix, _clean_name, _unwrap, find_layers
+from esdwatch.schema import SkippedLayer
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def plan_snapshot(
 ) -> ShardPlan:
     """Discover, share out and materialize one snapshot (a collective for sharded weights).
 
-    ``layer_options`` are :func:`esdwatch.layers.find_layers`'s keyword arguments;
+    ``layer_options`` are :func:`esdwatch.engine.layers.find_layers`'s keyword arguments;
     ``root`` is the module holding FSDP1 units (Lightning: ``trainer.strategy.model``;
     default ``model``). Call on every rank at the same point.
     """

@@ -4,11 +4,11 @@
 (unnormalized, W of shape N x M with N >= M) into a :class:`PhaseResult`: a
 :class:`Phase`, a confidence in [0, 1] and the evidence it decided on.
 :func:`classify_report` fills the phase fields of a
-:class:`~esdwatch.report.LayerReport`.
+:class:`~esdwatch.schema.LayerReport`.
 
 Evidence
 --------
-* MP fit of the bulk (:func:`esdwatch.mp.fit_mp`): sigma^2, the edge
+* MP fit of the bulk (:func:`esdwatch.engine.mp.fit_mp`): sigma^2, the edge
   ``lambda_plus = N sigma^2 (1 + 1/sqrt Q)^2``, the Tracy-Widom scale ``s`` of the
   largest eigenvalue (Johnstone 2001) and the KS distance of the bulk to the fitted law.
 * Distances above the edge: ``t_i = (lambda_i - lambda_plus) / s`` in TW units (the
@@ -22,7 +22,7 @@ Evidence
 * ``near_zero_fraction``: the share below ``zero_tol * lambda_max``, and ``zero_gap``,
   the ratio between the smallest eigenvalue above that tolerance and the largest below
   it (infinite for exact zeros): a *spike* at zero is separated from the rest.
-* Power-law tail fit (:func:`esdwatch.powerlaw.fit_power_law`, Clauset-Shalizi-Newman):
+* Power-law tail fit (:func:`esdwatch.engine.powerlaw.fit_power_law`, Clauset-Shalizi-Newman):
   alpha, x_min, D; and ``tail_llr``, the normalized log-likelihood ratio (Vuong's test,
   as in Clauset et al. 2009 section 5) of that power law against an exponential fitted to
   the same tail: > 0 favours the power law (heavy tail), < 0 an exponentially bounded
@@ -81,15 +81,15 @@ threshold", 1 "every deciding quantity is far from its threshold".
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
-from .mp import DEFAULT_TW_MARGIN, fit_mp
-from .powerlaw import fit_power_law
+from esdwatch.engine.mp import DEFAULT_TW_MARGIN, fit_mp
+from esdwatch.engine.powerlaw import fit_power_law
+from esdwatch.schema import RANK_COLLAPSE_FRACTION, Phase
 
 __all__ = [
     "Phase",
@@ -104,74 +104,6 @@ __all__ = [
 NAN = float("nan")
 
 
-class Phase(str, enum.Enum):
-    """The 5+1 phases of training, ordered by increasing implicit self-regularization.
-
-    Values are the paper's names (stored as ``LayerReport.phase``). ``Phase.order`` is
-    0 (Random-like) ... 5 (Rank-collapse), -1 for ``UNKNOWN``; ``<``/``>`` compare by it.
-    """
-
-    RANDOM_LIKE = "Random-like"
-    BLEEDING_OUT = "Bleeding-out"
-    BULK_PLUS_SPIKES = "Bulk+Spikes"
-    BULK_DECAY = "Bulk-decay"
-    HEAVY_TAILED = "Heavy-Tailed"
-    RANK_COLLAPSE = "Rank-collapse"
-    UNKNOWN = "Unknown"
-
-    @property
-    def order(self) -> int:
-        return _ORDER[self]
-
-    ordinal = order
-
-    def __str__(self) -> str:
-        return self.value
-
-    def _cmp(self, other: Any) -> int:
-        if not isinstance(other, Phase):
-            return NotImplemented  # type: ignore[return-value]
-        return self.order - other.order
-
-    def __lt__(self, other: Any) -> bool:  # type: ignore[override]
-        c = self._cmp(other)
-        return c if c is NotImplemented else c < 0
-
-    def __le__(self, other: Any) -> bool:  # type: ignore[override]
-        c = self._cmp(other)
-        return c if c is NotImplemented else c <= 0
-
-    def __gt__(self, other: Any) -> bool:  # type: ignore[override]
-        c = self._cmp(other)
-        return c if c is NotImplemented else c > 0
-
-    def __ge__(self, other: Any) -> bool:  # type: ignore[override]
-        c = self._cmp(other)
-        return c if c is NotImplemented else c >= 0
-
-    __hash__ = enum.Enum.__hash__
-
-    @classmethod
-    def parse(cls, value: Any) -> "Phase":
-        """A Phase from a Phase, its value ("Bulk+Spikes"), its name or any case thereof."""
-        if isinstance(value, Phase):
-            return value
-        text = str(value).strip()
-        for p in cls:
-            if text.lower() in (p.value.lower(), p.name.lower()):
-                return p
-        raise ValueError(f"not a phase: {value!r}")
-
-
-_ORDER = {
-    Phase.RANDOM_LIKE: 0,
-    Phase.BLEEDING_OUT: 1,
-    Phase.BULK_PLUS_SPIKES: 2,
-    Phase.BULK_DECAY: 3,
-    Phase.HEAVY_TAILED: 4,
-    Phase.RANK_COLLAPSE: 5,
-    Phase.UNKNOWN: -1,
-}
 
 
 @dataclass(frozen=True)
@@ -191,7 +123,7 @@ class PhaseThresholds:
         ... and the zero cluster separated from the rest by at least this factor (10).
     tw_margin:
         An eigenvalue is above the MP edge beyond ``lambda_plus + tw_margin * s_TW`` (4,
-        the default spike margin of :func:`esdwatch.mp.fit_mp`).
+        the default spike margin of :func:`esdwatch.engine.mp.fit_mp`).
     spike_rel:
         Above-edge eigenvalues with ``lambda < (1 + spike_rel) lambda_plus`` are *near*
         the edge (bleeding out), the others *well above* it (spikes) (0.5).
@@ -210,7 +142,7 @@ class PhaseThresholds:
 
     min_evals: int = 50
     zero_tol: float = 1e-6
-    collapse_fraction: float = 0.25
+    collapse_fraction: float = RANK_COLLAPSE_FRACTION
     collapse_gap: float = 10.0
     tw_margin: float = DEFAULT_TW_MARGIN
     spike_rel: float = 0.5
@@ -375,7 +307,7 @@ def classify(
         An already computed power-law fit (keys ``alpha``, ``xmin``, ``D``, optional
         ``n_tail``) to reuse instead of fitting again, e.g. a LayerReport's.
     mp:
-        An already computed :func:`~esdwatch.mp.fit_mp` of these eigenvalues with this
+        An already computed :func:`~esdwatch.engine.mp.fit_mp` of these eigenvalues with this
         (N, M) and ``thresholds.tw_margin``, to reuse instead of fitting again.
 
     Returns

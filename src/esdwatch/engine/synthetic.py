@@ -1,6 +1,6 @@
 """Seeded synthetic weight matrices of a known phase of training (HTSR.md section 5).
 
-Ground truth for :mod:`esdwatch.phases`. Every generator returns an ``N x M`` float64
+Ground truth for :mod:`esdwatch.engine.phases`. Every generator returns an ``N x M`` float64
 torch tensor (any orientation is accepted: N < M gives the transpose of the N >= M
 matrix), is fully determined by ``seed`` (a numpy ``Generator`` draws everything, so
 results are identical on every platform), and takes an overall ``sigma`` that scales
@@ -407,7 +407,7 @@ GENERATORS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def make_phase_matrix(phase: Any, N: int, M: int, seed: int = 0, sigma: float = 1.0, **kwargs: Any) -> torch.Tensor:
-    """A seeded N x M matrix of ``phase`` (a :class:`~esdwatch.phases.Phase` or its name).
+    """A seeded N x M matrix of ``phase`` (a :class:`~esdwatch.engine.phases.Phase` or its name).
 
     Parameters not given in ``kwargs`` are drawn from the unambiguous ranges of the
     module docstring.

@@ -34,9 +34,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .alarms import Alarm
-from .records import LayerRecord
-from .report import SUMMARY_METRICS, summarize
+from esdwatch.alarms.rules import Alarm
+from esdwatch.schema import LayerRecord
+from esdwatch.schema import SUMMARY_METRICS, summarize
 
 __all__ = ["ReportError", "find_records", "build_report", "add_report_command", "REPORT_FILE"]
 
@@ -106,7 +106,7 @@ class _Writer:
 
     def png(self, fig, filename: str) -> str:
         """Save ``fig`` as ``filename``; the ``src`` to use in the page."""
-        from .figures import save_png
+        from esdwatch.reporting.figures import save_png
 
         target = self.out / filename
         tmp = target.with_name(f".{filename}.tmp")
@@ -141,8 +141,8 @@ img{max-width:100%;height:auto;border:1px solid #eee;margin:4px 0}
 
 
 def _phase_cell(phase: Any) -> str:
-    from .figures import PHASE_COLORS
-    from .sinks.metrics_logger import phase_name
+    from esdwatch.reporting.figures import PHASE_COLORS
+    from esdwatch.sinks.metrics_logger import phase_name
 
     name = phase_name(phase)
     return f'<span class="chip" style="background:{PHASE_COLORS.get(name, "#d9d9d9")}"></span>{_esc(name)}'
@@ -164,10 +164,10 @@ def build_report(
     this many layers (model order; None for all). Raises :class:`ReportError` when there
     are no records, ImportError when matplotlib is missing.
     """
-    from .figures import esd_pair_figure, phase_map_figure, require_matplotlib, trajectory_figure
-    from .sinks.jsonl import read_alarms, read_records
-    from .sinks.metrics_logger import layer_order
-    from .sinks.spectra import read_spectra
+    from esdwatch.reporting.figures import esd_pair_figure, phase_map_figure, require_matplotlib, trajectory_figure
+    from esdwatch.sinks.jsonl import read_alarms, read_records
+    from esdwatch.sinks.metrics_logger import layer_order
+    from esdwatch.sinks.spectra import read_spectra
 
     require_matplotlib()
     records_path = find_records(log_dir)

@@ -10,7 +10,7 @@ kind               metric                       fires at   severity  why
 =================  ===========================  =========  ========  =============================================
 rank_collapse      rank_collapse_fraction       >= 0.25    error     a quarter of the M eigenvalues are
                                                                      numerically zero (< 1e-6 lambda_max): the
-                                                                     Rank-collapse rule of esdwatch.phases. When
+                                                                     Rank-collapse rule of esdwatch.engine.phases. When
                                                                      the layer has a phase, it must also be
                                                                      Rank-collapse (the phase rule also requires
                                                                      the zeros to be separated from the rest, so
@@ -34,11 +34,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from .phases import DEFAULT_THRESHOLDS
-from .report import STATUS_DEGENERATE, STATUS_NON_FINITE, LayerReport
+from esdwatch.schema import (
+    ALARM_KINDS,
+    ALPHA_HIGH,
+    ALPHA_LOW,
+    CORRELATION_TRAP,
+    NON_FINITE,
+    PHASE_TRANSITION,
+    RANK_COLLAPSE,
+    RANK_COLLAPSE_FRACTION,
+    STATUS_DEGENERATE,
+    STATUS_NON_FINITE,
+    Alarm,
+    LayerReport,
+)
 
 __all__ = [
     "Alarm",
@@ -54,52 +66,9 @@ __all__ = [
     "PHASE_TRANSITION",
 ]
 
-RANK_COLLAPSE = "rank_collapse"
-CORRELATION_TRAP = "correlation_trap"
-ALPHA_LOW = "alpha_low"
-ALPHA_HIGH = "alpha_high"
-NON_FINITE = "non_finite"
-PHASE_TRANSITION = "phase_transition"  # emitted by the monitor, which sees history
-
-ALARM_KINDS: tuple[str, ...] = (RANK_COLLAPSE, CORRELATION_TRAP, ALPHA_LOW, ALPHA_HIGH, NON_FINITE, PHASE_TRANSITION)
-
 #: Phase values that mean "no phase was determined" (rules with ``phase`` then fall back
 #: to their threshold alone).
 _NO_PHASE = ("", "unknown", "Unknown")
-
-
-@dataclass(frozen=True)
-class Alarm:
-    """One layer crossing one threshold.
-
-    ``value`` is the observed metric, ``threshold`` the limit it crossed; ``step`` is
-    the training step of the snapshot (None for offline analysis).
-    """
-
-    kind: str
-    layer: str
-    value: float
-    threshold: float
-    message: str
-    severity: str = "warning"  # "info" | "warning" | "error"
-    step: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for key in ("value", "threshold"):
-            v = out[key]
-            out[key] = None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Alarm":
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        for key in ("value", "threshold"):
-            if kwargs.get(key) is None:
-                kwargs[key] = float("nan")
-        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -194,10 +163,6 @@ def _finite_or_none(v: Any) -> float | None:
         return None
     return v if math.isfinite(v) else None
 
-
-#: Threshold of the rank-collapse alarm: the Rank-collapse rule's
-#: ``PhaseThresholds.collapse_fraction`` (esdwatch.phases), so alarm and phase agree.
-RANK_COLLAPSE_FRACTION = DEFAULT_THRESHOLDS.collapse_fraction
 
 #: The default rules (table in the module docstring).
 DEFAULT_RULES: tuple[AlarmRule, ...] = (

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .mp import fit_mp
-from .powerlaw import fit_power_law
+from esdwatch.engine.mp import fit_mp
+from esdwatch.engine.powerlaw import fit_power_law
 
 __all__ = [
     "log_norm",
@@ -135,13 +135,13 @@ def layer_metrics(
     zero_tol: float = DEFAULT_ZERO_TOL,
     mp: Any = None,
 ) -> dict[str, Any]:
-    """Every scalar metric of one layer, keyed by :class:`~esdwatch.report.LayerReport` field.
+    """Every scalar metric of one layer, keyed by :class:`~esdwatch.schema.LayerReport` field.
 
     ``evals`` are the ``num_slices * M`` eigenvalues of the layer (pooled over conv
     slices). The power-law fit runs on the positive eigenvalues; the MP fit runs per
     layer on the pooled ESD with the slice shape (N, M), which for pooled conv slices is
     the same law (each slice shares N, M and, at initialization, sigma). ``mp``: a
-    :func:`~esdwatch.mp.fit_mp` result of these eigenvalues (same N, M, ``tw_margin``) to
+    :func:`~esdwatch.engine.mp.fit_mp` result of these eigenvalues (same N, M, ``tw_margin``) to
     reuse instead of fitting again (the analyzer shares one fit with the phase classifier).
     """
     ev = np.sort(_as_array(evals))

@@ -14,7 +14,7 @@ import math
 import sys
 from typing import Any, Sequence
 
-from .loading import TargetError, load_target
+from esdwatch.cli.loading import TargetError, load_target
 
 #: Columns of the per-layer table, in order (LayerReport field names).
 TABLE_COLUMNS: tuple[str, ...] = (
@@ -111,7 +111,7 @@ def _alarms(report) -> list:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import torch
 
-    from .analyzer import analyze
+    from esdwatch.engine.analyzer import analyze
 
     target = load_target(args.target)
     report = analyze(
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_analyze)
 
     try:
-        from .html_report import add_report_command
+        from esdwatch.reporting.html import add_report_command
     except ImportError:
         pass
     else:

@@ -16,13 +16,13 @@ snapshot but still flushes everything analysed so far).
 The training thread's work per call
 -----------------------------------
 ``step()`` collects finished analyses (a non-blocking queue poll) and, at a scheduled
-step, re-discovers the layers (:func:`esdwatch.layers.find_layers`, so added, removed or
+step, re-discovers the layers (:func:`esdwatch.engine.layers.find_layers`, so added, removed or
 replaced layers appear and disappear cleanly) and copies their weights into reusable
-buffers (:mod:`esdwatch.snapshot`). That is all: eigenvalues, fits, phases and traps run
-in the worker (:mod:`esdwatch.worker`). Finished results are handed back to the training
+buffers (:mod:`esdwatch.monitor.snapshot`). That is all: eigenvalues, fits, phases and traps run
+in the worker (:mod:`esdwatch.monitor.worker`). Finished results are handed back to the training
 thread and processed there in step order: records appended to ``records.jsonl``
 (:class:`~esdwatch.sinks.jsonl.JsonlSink`), every sink's ``write``, the alarm policy
-(:mod:`esdwatch.alarm_policy`) and its actions. A sink never runs on the worker.
+(:mod:`esdwatch.alarms.policy`) and its actions. A sink never runs on the worker.
 
 Schedule
 --------
@@ -88,7 +88,7 @@ free slot. The final (``at_end``) snapshot always blocks.
 
 Alarms
 ------
-:class:`~esdwatch.alarm_policy.AlarmPolicy`: ``alarm_rules``, ``alarm_patience`` and
+:class:`~esdwatch.alarms.policy.AlarmPolicy`: ``alarm_rules``, ``alarm_patience`` and
 ``alarm_actions`` (``"log"``, ``"warn"``, ``"stop"`` or a callable
 ``(context, alarm) -> None``; ``context`` is the Lightning ``Trainer`` under
 ESDMonitor, this Monitor in a plain loop). ``"stop"`` sets :attr:`should_stop`; with
@@ -121,7 +121,7 @@ after the checkpoint is superseded for every reader (:func:`esdwatch.sinks.jsonl
 By default :meth:`state_dict` first waits (up to ``drain_timeout``) for the snapshots in
 flight, so a checkpoint never refers to a snapshot whose records are not on disk.
 
-Distributed runs (``world_size > 1``; details in :mod:`esdwatch.distributed`)
+Distributed runs (``world_size > 1``; details in :mod:`esdwatch.monitor.distributed`)
 ------------------------------------------------------------------------------
 Every rank runs a Monitor (``rank``, ``world_size``; ``torch.distributed`` initialized,
 or a ``comm``). The layers are shared out by cost (``S * N * M**2``, largest first to the
@@ -164,19 +164,19 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
 
 import torch
 
-from .alarm_policy import Action, AlarmPolicy
-from .alarms import Alarm, AlarmRule
-from .analyzer import AnalysisConfig
-from .distributed import Comm, ShardPlan, default_comm, fsdp1_units, is_dtensor, plan_snapshot
-from .layers import LayerMatrix, find_layers
-from .records import LayerRecord
-from .report import STATUS_FAILED, SkippedLayer, summarize
-from .sinks.jsonl import RECORDS_FILE, JsonlSink, copy_history, next_segment
-from .sinks.spectra import SpectraSink, copy_spectra
-from .snapshot import BufferPool
-from .worker import WORKER_KINDS, AnalyzeFn, Executor, Job, Result, make_executor
+from esdwatch.alarms.policy import Action, AlarmPolicy
+from esdwatch.alarms.rules import Alarm, AlarmRule
+from esdwatch.engine.analyzer import AnalysisConfig
+from esdwatch.monitor.distributed import Comm, ShardPlan, default_comm, fsdp1_units, is_dtensor, plan_snapshot
+from esdwatch.engine.layers import LayerMatrix, find_layers
+from esdwatch.errors import EsdwatchError, EsdwatchWarning
+from esdwatch.schema import STATUS_FAILED, LayerRecord, SkippedLayer, summarize
+from esdwatch.sinks.jsonl import RECORDS_FILE, JsonlSink, copy_history, next_segment
+from esdwatch.sinks.spectra import SpectraSink, copy_spectra
+from esdwatch.monitor.snapshot import BufferPool
+from esdwatch.monitor.worker import WORKER_KINDS, AnalyzeFn, Executor, Job, Result, make_executor
 
-log = logging.getLogger("esdwatch.monitor")
+log = logging.getLogger("esdwatch.monitor.monitor")
 
 __all__ = ["Monitor", "EsdwatchError", "EsdwatchWarning", "auto_interval"]
 
@@ -201,14 +201,6 @@ def _close_live_monitors() -> None:
             mon.abort(timeout=min(10.0, mon.drain_timeout or 0.0))
         except Exception:  # pragma: no cover - best effort at exit
             pass
-
-
-class EsdwatchError(RuntimeError):
-    """An analysis failure re-raised on the training thread (``strict=True``)."""
-
-
-class EsdwatchWarning(UserWarning):
-    """Something the user should fix, that does not stop training."""
 
 
 def _dtype(value: Any) -> torch.dtype:
@@ -254,7 +246,7 @@ class Monitor:
     layers, exclude, types, min_evals, max_evals, conv_mode, conv2d_norm:
         Layer selection, as in :func:`esdwatch.analyze`.
     dtype, device, method, mp_fit, phases, traps, keep_evals, xmin, xmax, fix_fingers, seed:
-        Analysis options (:class:`esdwatch.analyzer.AnalysisConfig`); ``dtype`` is
+        Analysis options (:class:`esdwatch.engine.analyzer.AnalysisConfig`); ``dtype`` is
         ``"float64"`` or ``"float32"``; ``device="cuda"`` analyses on the GPU (side stream,
         thread worker only); ``keep_evals`` hands each layer's eigenvalues to the sinks
         and writes ``spectra.jsonl`` (module docstring, "Spectra").
@@ -264,7 +256,7 @@ class Monitor:
     drain_on_checkpoint:
         :meth:`state_dict` waits for in-flight snapshots first (default True).
     alarm_rules, alarm_patience, alarm_actions, phase_transitions:
-        The alarm policy (:class:`esdwatch.alarm_policy.AlarmPolicy`).
+        The alarm policy (:class:`esdwatch.alarms.policy.AlarmPolicy`).
     log_dir:
         Records go to ``<log_dir>/esdwatch/records.jsonl`` (``<log_dir>/esdwatch/<name>/``
         for a named monitor). ``None``: no file (results still reach the sinks and
@@ -283,13 +275,13 @@ class Monitor:
         ``world_size > 1`` every rank runs a Monitor and the layers are shared out
         (module docstring, "Distributed runs").
     comm:
-        The collectives of a distributed run (:class:`esdwatch.distributed.Comm`);
+        The collectives of a distributed run (:class:`esdwatch.monitor.distributed.Comm`);
         default: ``torch.distributed``'s default group (initialized by then).
     root_module:
         The module that holds FSDP1 units when it is not ``model`` itself (Lightning:
         ``trainer.strategy.model``), or a callable returning it at each snapshot.
     analyze_fn:
-        Replaces :func:`esdwatch.analyzer.analyze_layers` (must be picklable for
+        Replaces :func:`esdwatch.engine.analyzer.analyze_layers` (must be picklable for
         ``worker="process"``).
     context:
         Passed to callable alarm actions (default: this Monitor).
@@ -453,7 +445,7 @@ class Monitor:
             "block_s": 0.0, "bytes_copied": 0, "exchanges": 0, "exchange_s": 0.0, "layers_analysed": 0,
         }
 
-        # ---- distributed runs (world_size > 1): see esdwatch.distributed
+        # ---- distributed runs (world_size > 1): see esdwatch.monitor.distributed
         self._local_parts: list[dict[str, Any]] = []  # this rank's finished parts, not yet exchanged
         self._parts: dict[int, dict[int, dict[str, Any]]] = {}  # seq -> rank -> part (every rank)
         self._snap_meta: dict[int, dict[str, Any]] = {}  # seq -> step, epoch, names, owners, ...
@@ -541,7 +533,7 @@ class Monitor:
     def assign_layers(self, mats: list[LayerMatrix]) -> list[LayerMatrix]:
         """The matrices this rank analyses in a single-process run (default: all).
 
-        Distributed runs share the layers out in :func:`esdwatch.distributed.plan_snapshot`
+        Distributed runs share the layers out in :func:`esdwatch.monitor.distributed.plan_snapshot`
         (cost-balanced, identical on every rank) instead.
         """
         return mats
@@ -1139,7 +1131,7 @@ class Monitor:
 
     def _sync_point(self, step: int, epoch: int, *, take: bool, reason: str, block: bool | None = None,
                     stop: bool = True) -> None:
-        """One exchange, on every rank at the same point (see :mod:`esdwatch.distributed`).
+        """One exchange, on every rank at the same point (see :mod:`esdwatch.monitor.distributed`).
 
         Sends this rank's finished parts, publishes every snapshot now complete, updates
         the auto interval, takes (or skips, on every rank) the snapshot when ``take``,

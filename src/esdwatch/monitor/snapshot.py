@@ -1,7 +1,7 @@
 """Copy the selected weight matrices out of the live model: the training thread's only cost.
 
-A snapshot turns the :class:`~esdwatch.layers.LayerMatrix` views that
-:func:`~esdwatch.layers.find_layers` returns (views of the live parameters) into
+A snapshot turns the :class:`~esdwatch.engine.layers.LayerMatrix` views that
+:func:`~esdwatch.engine.layers.find_layers` returns (views of the live parameters) into
 :class:`LayerMatrix` objects whose ``weight`` is a private copy the analysis worker may
 read while training goes on. The copies live in reusable buffers:
 
@@ -42,7 +42,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from .layers import LayerMatrix
+from esdwatch.engine.layers import LayerMatrix
 
 __all__ = ["BufferPool", "Snapshot", "Target", "take_snapshot"]
 
@@ -169,7 +169,7 @@ class BufferPool:
 
         Buffers of layers absent from ``mats`` are dropped, so a removed layer frees its
         memory at the next snapshot. ``private[i]`` marks a weight that is already a
-        private copy (a full matrix gathered from shards, see :mod:`esdwatch.distributed`):
+        private copy (a full matrix gathered from shards, see :mod:`esdwatch.monitor.distributed`):
         on CPU it becomes the slot's buffer as it is (moved to shared memory for the
         ``"shared"`` target) instead of being copied once more.
         """

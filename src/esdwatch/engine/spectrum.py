@@ -36,7 +36,7 @@ Two backends carry out the Gram route:
   matrices take 0.40 s with torch versus 0.2 s, the float32 -> float64 casts 0.17 s versus
   0.02 s (torch allocates and faults in a fresh buffer for each). Results agree with the
   torch backend to rounding (1e-15 relative). The BLAS pool is capped at the caller's
-  torch thread count while it runs (``esdwatch.threads``, through ``threadpoolctl``), so
+  torch thread count while it runs (``esdwatch.engine.threads``, through ``threadpoolctl``), so
   a monitor's worker thread capped at one thread stays at one thread; without
   ``threadpoolctl`` installed, ``"auto"`` keeps torch.
 
@@ -58,7 +58,7 @@ from typing import Callable, Iterator, Literal, Sequence, Union
 import numpy as np
 import torch
 
-from .threads import blas_control_available, parallel_map
+from esdwatch.engine.threads import blas_control_available, parallel_map
 
 Method = Literal["auto", "gram", "svd"]
 Backend = Literal["auto", "torch", "blas"]
@@ -278,7 +278,7 @@ def _cost(entry: MatrixLike) -> int:
 def _run_blas(items: list[tuple[int, MatrixLike, float]]) -> Iterator[tuple[int, torch.Tensor]]:
     """Eigenvalues of BLAS-backend items ``(index, entry, scale)``, as ``(index, evals)``.
 
-    Spread over the caller's torch thread count by :func:`esdwatch.threads.parallel_map`,
+    Spread over the caller's torch thread count by :func:`esdwatch.engine.threads.parallel_map`,
     largest matrices first (module docstring).
     """
     work = [(entry, scale) for _, entry, scale in items]

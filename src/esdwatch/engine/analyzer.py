@@ -1,9 +1,9 @@
-"""The analyzer: from a model (or matrices) to a :class:`~esdwatch.report.ModelReport`.
+"""The analyzer: from a model (or matrices) to a :class:`~esdwatch.engine.model_report.ModelReport`.
 
-Pipeline, per call: discover layers (:mod:`esdwatch.layers`), screen out non-finite
-weights, compute all eigenvalues in batched torch calls (:mod:`esdwatch.spectrum`), then
-per layer the power-law and MP fits and metrics (:mod:`esdwatch.metrics`), the phase
-(:mod:`esdwatch.phases`) and the correlation-trap test (:mod:`esdwatch.traps`).
+Pipeline, per call: discover layers (:mod:`esdwatch.engine.layers`), screen out non-finite
+weights, compute all eigenvalues in batched torch calls (:mod:`esdwatch.engine.spectrum`), then
+per layer the power-law and MP fits and metrics (:mod:`esdwatch.engine.metrics`), the phase
+(:mod:`esdwatch.engine.phases`) and the correlation-trap test (:mod:`esdwatch.engine.traps`).
 A layer that fails is reported with ``status="failed"`` and the error; the other layers
 are still analysed.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 from functools import partial
 from dataclasses import dataclass
@@ -22,19 +21,18 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .layers import LayerMatrix, find_layers
-from .metrics import DEFAULT_ZERO_TOL, layer_metrics
-from .mp import DEFAULT_TW_MARGIN, fit_mp
-from .report import (
+from esdwatch.engine.layers import LayerMatrix, find_layers
+from esdwatch.engine.metrics import DEFAULT_ZERO_TOL, layer_metrics
+from esdwatch.engine.model_report import ModelReport
+from esdwatch.engine.mp import DEFAULT_TW_MARGIN, fit_mp
+from esdwatch.schema import (
     STATUS_DEGENERATE,
     STATUS_FAILED,
     STATUS_NON_FINITE,
     LayerReport,
-    ModelReport,
-    SkippedLayer,
 )
-from .spectrum import DeferredMatrix, Method, batch_eigenvalues, iter_eigenvalues
-from .threads import parallel_map
+from esdwatch.engine.spectrum import DeferredMatrix, Method, batch_eigenvalues, iter_eigenvalues
+from esdwatch.engine.threads import parallel_map
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +51,7 @@ class AnalysisConfig:
     device:
         Where eigenvalues are computed; ``None`` keeps each weight on its own device.
     method:
-        ``"auto"`` / ``"gram"`` / ``"svd"``: see :mod:`esdwatch.spectrum`.
+        ``"auto"`` / ``"gram"`` / ``"svd"``: see :mod:`esdwatch.engine.spectrum`.
     xmin, xmax:
         Fix the power-law tail bounds instead of scanning x_min by KS distance.
     fix_fingers:
@@ -62,11 +60,11 @@ class AnalysisConfig:
         Fit the Marchenko-Pastur bulk (lambda_plus, soft rank, spikes).
     tw_margin:
         Spikes are eigenvalues above lambda_plus + tw_margin * (Tracy-Widom scale);
-        ``None`` uses :func:`esdwatch.mp.fit_mp`'s default.
+        ``None`` uses :func:`esdwatch.engine.mp.fit_mp`'s default.
     zero_tol:
         Relative tolerance of ``rank_collapse_fraction``.
     phases:
-        Classify each layer into the 5+1 phases (when :mod:`esdwatch.phases` exists).
+        Classify each layer into the 5+1 phases (when :mod:`esdwatch.engine.phases` exists).
     traps:
         Run the correlation-trap test (one more eigendecomposition per layer).
     keep_evals:
@@ -288,7 +286,7 @@ def _analyze_one(
 
 def _with_phase(report: LayerReport, ev: np.ndarray, mp: Any, tw_margin: float) -> LayerReport:
     try:
-        from .phases import DEFAULT_THRESHOLDS, classify_report
+        from esdwatch.engine.phases import DEFAULT_THRESHOLDS, classify_report
     except ImportError:  # phase classifier not available in this build
         return report
     if tw_margin != DEFAULT_THRESHOLDS.tw_margin:
@@ -311,16 +309,16 @@ def _lora_nonzero(ev: np.ndarray, mat: LayerMatrix) -> np.ndarray:
 
 
 def _trap_randomizer():
-    """``esdwatch.traps.randomize_matrix`` when the trap test is available."""
+    """``esdwatch.engine.traps.randomize_matrix`` when the trap test is available."""
     try:
-        from .traps import randomize_matrix
+        from esdwatch.engine.traps import randomize_matrix
     except ImportError:
         return None
     return randomize_matrix
 
 
 def _trap_fields(mat: LayerMatrix, ev: np.ndarray, rand_evals_t: torch.Tensor, config: AnalysisConfig) -> dict[str, Any]:
-    from .traps import _stored_transposed, trap_fields_from_evals
+    from esdwatch.engine.traps import _stored_transposed, trap_fields_from_evals
 
     kwargs: dict[str, Any] = {} if config.tw_margin is None else {"tw_margin": config.tw_margin}
     fields = trap_fields_from_evals(

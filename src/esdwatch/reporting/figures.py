@@ -21,9 +21,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .records import LayerRecord
-from .report import LayerReport
-from .sinks.metrics_logger import (
+from esdwatch.schema import LayerRecord
+from esdwatch.schema import LayerReport
+from esdwatch.sinks.metrics_logger import (
     PHASES,
     UNKNOWN_PHASE,
     Log10Histogram,
@@ -197,7 +197,7 @@ def draw_esd(
         xs_hi = lam_max if math.isfinite(lam_max) and lam_max > 0 else 1.0
     bulk = mp_bulk(report)
     if bulk is not None:
-        from .mp import mp_edges, mp_pdf
+        from esdwatch.engine.mp import mp_edges, mp_pdf
 
         sigma2, n_b, q_b, mass = bulk
         a, b = mp_edges(sigma2, q_b)

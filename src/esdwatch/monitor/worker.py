@@ -3,7 +3,7 @@
 Two executors share one interface (:class:`Executor`): ``submit(job)`` from the training
 thread, then ``poll()`` / ``wait(timeout)`` from the same thread to collect
 :class:`Result` objects. Capacity (how many snapshots may be in flight, ``max_pending``)
-is enforced by the caller through the :class:`~esdwatch.snapshot.BufferPool` slots; the
+is enforced by the caller through the :class:`~esdwatch.monitor.snapshot.BufferPool` slots; the
 executors themselves never block on ``submit``.
 
 ``"thread"`` (:class:`ThreadExecutor`)
@@ -14,7 +14,7 @@ executors themselves never block on ``submit``.
     ``torch.set_num_threads`` would change the training thread's count too): a multi-threaded
     eigensolver spin-waits on an oversubscribed CPU (measured 76x slower with 2 threads
     than with 1 here). It can lower its scheduling priority (``nice``: ``os.nice``, per
-    thread on Linux), off by default: see :mod:`esdwatch.monitor` ("Default worker").
+    thread on Linux), off by default: see :mod:`esdwatch.monitor.monitor` ("Default worker").
     Snapshots are handed over as plain (or pinned) CPU buffers: no copy, no pickling.
 
 ``"process"`` (:class:`ProcessExecutor`)
@@ -28,7 +28,7 @@ executors themselves never block on ``submit``.
     The child does not re-import the user's ``__main__`` unless ``analyze_fn`` lives there,
     so an unguarded training script is not executed twice.
 
-Errors: ``analyze_fn`` (default :func:`esdwatch.analyzer.analyze_layers`) never raises per
+Errors: ``analyze_fn`` (default :func:`esdwatch.engine.analyzer.analyze_layers`) never raises per
 layer, but if a call raises anyway the job is retried layer by layer so that the failing
 layer is named (``status="failed"``, the error in ``status_detail``) and every other
 layer keeps its record. A worker process that dies is detected at the next poll; its
@@ -51,10 +51,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .analyzer import AnalysisConfig, analyze_layers
-from .layers import LayerMatrix
-from .report import STATUS_FAILED, LayerReport
-from .threads import limit_openmp_threads
+from esdwatch.engine.analyzer import AnalysisConfig, analyze_layers
+from esdwatch.engine.layers import LayerMatrix
+from esdwatch.schema import STATUS_FAILED, LayerReport
+from esdwatch.engine.threads import limit_openmp_threads
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Job:
     mats: list[LayerMatrix]
     config: AnalysisConfig
     slot: int = -1
-    snapshot: Any = field(default=None, repr=False)  # esdwatch.snapshot.Snapshot (thread worker only)
+    snapshot: Any = field(default=None, repr=False)  # esdwatch.monitor.snapshot.Snapshot (thread worker only)
 
 
 @dataclass
@@ -111,7 +111,7 @@ class Result:
 
 
 def _failed_report(mat: LayerMatrix, exc: BaseException) -> LayerReport:
-    from .analyzer import layer_report
+    from esdwatch.engine.analyzer import layer_report
 
     return layer_report(mat, status=STATUS_FAILED, status_detail=f"{type(exc).__name__}: {exc}")
 
@@ -216,7 +216,7 @@ class Executor:
     """Interface of the analysis executors (see module docstring)."""
 
     kind: str = ""
-    #: where snapshot buffers must live for this executor (see esdwatch.snapshot)
+    #: where snapshot buffers must live for this executor (see esdwatch.monitor.snapshot)
     buffer_target: str = "cpu"
 
     def __init__(self, analyze_fn: AnalyzeFn | None = None, *, nice: int = 0, threads: int | None = 1):

@@ -1,0 +1,385 @@
+"""The typed records every part of esdwatch shares, and their vocabulary.
+
+One schema flows from the engine through the monitor's worker to every sink:
+
+* :class:`LayerReport`: the spectral metrics of one weight matrix (the engine's output);
+* :class:`LayerRecord`: one LayerReport at one training step (a line of ``records.jsonl``);
+* :class:`Alarm`: one layer crossing one threshold (a line of ``alarms.jsonl``);
+* :class:`SkippedLayer`: a matrix that was found but not analysed, and why.
+
+and the one vocabulary of each concept: layer statuses (``STATUS_*``), the 5+1 phases
+of training (:class:`Phase`, :data:`PHASES`, :func:`phase_name`), the alarm kinds
+(:data:`ALARM_KINDS`) and the model-level summary metrics (:data:`SUMMARY_METRICS`,
+:func:`summarize`).
+
+Eigenvalue-valued fields (``lambda_max``, ``xmin``, ``lambda_plus`` ...) are in the
+*unnormalized* units lambda_i = nu_i^2 of W^T W, the convention of the published tables
+and of weightwatcher; ``mp_sigma2`` is the fitted per-entry variance sigma^2 of the
+random bulk (so lambda_plus = N sigma^2 (1 + 1/sqrt(Q))^2). Definitions: ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+NAN = float("nan")
+
+#: Layer statuses. Only ``ok`` layers carry metrics; the others say why not.
+STATUS_OK = "ok"
+STATUS_NON_FINITE = "non_finite"  # NaN/Inf entries: nothing is computed, the count is kept
+STATUS_DEGENERATE = "degenerate"  # e.g. all-zero matrix: spectrum exists, fits do not
+STATUS_FAILED = "failed"  # an unexpected error while analysing this layer (message kept)
+
+#: Metrics averaged by :meth:`ModelReport.summary` (the model-level quality metrics of
+#: Martin & Mahoney, Nature Communications 2021, plus stable rank and entropy).
+SUMMARY_METRICS: tuple[str, ...] = (
+    "alpha",
+    "alpha_weighted",
+    "log_norm",
+    "log_spectral_norm",
+    "log_alpha_norm",
+    "stable_rank",
+    "entropy",
+)
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A matrix that was found but not analysed, and why (never silently dropped)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Spectral metrics of one layer weight matrix W (N x M, oriented so N >= M).
+
+    See ``shared/HTSR.md`` section 4 for every definition. Fields that could not be
+    computed are NaN (floats) or -1 (counts); ``status`` says why.
+    """
+
+    name: str
+    kind: str
+    N: int
+    M: int
+    Q: float
+    num_evals: int = 0
+    num_slices: int = 1
+    status: str = STATUS_OK
+    status_detail: str = ""
+    num_non_finite: int = 0
+
+    # spectrum
+    lambda_max: float = NAN
+    lambda_min: float = NAN
+
+    # power-law tail fit (Clauset-Shalizi-Newman)
+    alpha: float = NAN
+    alpha_sigma: float = NAN  # standard error (alpha - 1) / sqrt(n_tail)
+    xmin: float = NAN
+    xmax: float = NAN
+    D: float = NAN
+    n_tail: int = -1
+
+    # norm and shape metrics
+    alpha_weighted: float = NAN
+    log_norm: float = NAN
+    log_spectral_norm: float = NAN
+    log_alpha_norm: float = NAN
+    stable_rank: float = NAN
+    entropy: float = NAN
+    numerical_rank: int = -1
+    rank_collapse_fraction: float = NAN
+    dead_units: int = -1
+
+    # Marchenko-Pastur fit of the bulk
+    mp_sigma2: float = NAN
+    lambda_plus: float = NAN
+    lambda_minus: float = NAN
+    bulk_max: float = NAN
+    tw_scale: float = NAN
+    mp_ks: float = NAN
+    mp_softrank: float = NAN
+    num_spikes: int = -1
+
+    # phase of training (filled by esdwatch.engine.phases when available)
+    phase: str = "unknown"
+    phase_confidence: float = NAN
+    phase_reason: str = ""
+    # phase evidence (esdwatch.engine.phases.PhaseResult): share of the ESD above the MP edge
+    # (beyond lambda_plus + 4 TW scales) and of ||W||_F^2 it carries, how many of those
+    # eigenvalues lie near the edge (< 1.5 lambda_plus),
+    # lambda_max's distance above lambda_plus in TW scales and as a ratio, separation
+    # factor of the near-zero cluster, power law vs exponential tail statistic (> 0: PL)
+    mass_above_edge: float = NAN
+    energy_above_edge: float = NAN
+    num_near_edge: int = -1
+    max_edge_distance: float = NAN
+    edge_ratio: float = NAN
+    zero_gap: float = NAN
+    tail_llr: float = NAN
+
+    # correlation traps (filled by esdwatch.engine.traps when enabled)
+    num_traps: int = -1
+    rand_distance: float = NAN
+    rand_lambda_max: float = NAN
+    rand_lambda_plus: float = NAN
+    # the largest entries of W when there are traps, "(row,col)=value; ..." (see traps.py)
+    trap_entries: str = ""
+
+    # the eigenvalues themselves (ascending, unnormalized); kept in memory for sinks
+    # that draw spectra, never written by to_dict().
+    evals: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    def replace(self, **changes: Any) -> "LayerReport":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serializable dict of every scalar field (NaN becomes None)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "evals":
+                continue
+            out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LayerReport":
+        """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones default."""
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "evals"}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            f = known.get(key)
+            if f is None:
+                continue
+            if value is None and f.type in ("float",):
+                value = NAN
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return None if not math.isfinite(v) else v
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def summarize(layers: Iterable[LayerReport], metrics: Sequence[str] = SUMMARY_METRICS) -> dict[str, float]:
+    """Average each metric over the layers where it is finite (the model-level <metric>)."""
+    layers = list(layers)
+    out: dict[str, float] = {}
+    for metric in metrics:
+        values = [getattr(layer, metric) for layer in layers if layer.ok]
+        finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        out[metric] = float(np.mean(finite)) if finite else NAN
+    return out
+
+
+# ---------------------------------------------------------------- the 5+1 phases
+
+class Phase(str, enum.Enum):
+    """The 5+1 phases of training, ordered by increasing implicit self-regularization.
+
+    Values are the paper's names (stored as ``LayerReport.phase``). ``Phase.order`` is
+    0 (Random-like) ... 5 (Rank-collapse), -1 for ``UNKNOWN``; ``<``/``>`` compare by it.
+    """
+
+    RANDOM_LIKE = "Random-like"
+    BLEEDING_OUT = "Bleeding-out"
+    BULK_PLUS_SPIKES = "Bulk+Spikes"
+    BULK_DECAY = "Bulk-decay"
+    HEAVY_TAILED = "Heavy-Tailed"
+    RANK_COLLAPSE = "Rank-collapse"
+    UNKNOWN = "Unknown"
+
+    @property
+    def order(self) -> int:
+        return _ORDER[self]
+
+    ordinal = order
+
+    def __str__(self) -> str:
+        return self.value
+
+    def _cmp(self, other: Any) -> int:
+        if not isinstance(other, Phase):
+            return NotImplemented  # type: ignore[return-value]
+        return self.order - other.order
+
+    def __lt__(self, other: Any) -> bool:  # type: ignore[override]
+        c = self._cmp(other)
+        return c if c is NotImplemented else c < 0
+
+    def __le__(self, other: Any) -> bool:  # type: ignore[override]
+        c = self._cmp(other)
+        return c if c is NotImplemented else c <= 0
+
+    def __gt__(self, other: Any) -> bool:  # type: ignore[override]
+        c = self._cmp(other)
+        return c if c is NotImplemented else c > 0
+
+    def __ge__(self, other: Any) -> bool:  # type: ignore[override]
+        c = self._cmp(other)
+        return c if c is NotImplemented else c >= 0
+
+    __hash__ = enum.Enum.__hash__
+
+    @classmethod
+    def parse(cls, value: Any) -> "Phase":
+        """A Phase from a Phase, its value ("Bulk+Spikes"), its name or any case thereof."""
+        if isinstance(value, Phase):
+            return value
+        text = str(value).strip()
+        for p in cls:
+            if text.lower() in (p.value.lower(), p.name.lower()):
+                return p
+        raise ValueError(f"not a phase: {value!r}")
+
+
+_ORDER = {
+    Phase.RANDOM_LIKE: 0,
+    Phase.BLEEDING_OUT: 1,
+    Phase.BULK_PLUS_SPIKES: 2,
+    Phase.BULK_DECAY: 3,
+    Phase.HEAVY_TAILED: 4,
+    Phase.RANK_COLLAPSE: 5,
+    Phase.UNKNOWN: -1,
+}
+
+#: The 5+1 phases in order of increasing implicit self-regularization (HT-SR); a phase's
+#: ordinal (:attr:`Phase.order`) is its index here.
+PHASES: tuple[str, ...] = tuple(p.value for p in sorted((p for p in Phase if p is not Phase.UNKNOWN), key=lambda p: p.order))
+#: The phase of a layer that could not be classified (not one of the 5+1).
+UNKNOWN_PHASE: str = Phase.UNKNOWN.value
+#: The fraction of numerically zero eigenvalues from which a layer is rank-collapsed: the
+#: phase classifier's Rank-collapse rule and the ``rank_collapse`` alarm share it.
+RANK_COLLAPSE_FRACTION = 0.25
+
+
+def phase_or_none(phase: Any) -> Phase | None:
+    """The :class:`Phase` of a value (member, value, name, any case), None when it is not one of the 5+1.
+
+    ``None``, ``""``, ``"unknown"``/``"Unknown"`` and any unrecognised text all mean "no phase".
+    """
+    if phase is None or phase == "":
+        return None
+    try:
+        p = Phase.parse(phase)
+    except ValueError:
+        return None
+    return None if p is Phase.UNKNOWN else p
+
+
+def phase_name(phase: Any) -> str:
+    """The canonical display name of a phase (:data:`UNKNOWN_PHASE` when it is not one of the 5+1)."""
+    p = phase_or_none(phase)
+    return UNKNOWN_PHASE if p is None else p.value
+
+
+# ---------------------------------------------------------------- records
+
+#: Keys that identify a record in time, in front of the LayerReport fields.
+RECORD_KEYS: tuple[str, ...] = ("global_step", "epoch", "wall_time", "segment")
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """``report`` of one layer as of the snapshot taken at ``global_step``."""
+
+    global_step: int
+    epoch: int
+    wall_time: float
+    report: LayerReport
+    segment: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.report.name
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "global_step": int(self.global_step),
+            "epoch": int(self.epoch),
+            "wall_time": float(self.wall_time),
+            "segment": int(self.segment),
+        }
+        out.update(self.report.to_dict())
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LayerRecord":
+        return cls(
+            global_step=int(data["global_step"]),
+            epoch=int(data.get("epoch", 0)),
+            wall_time=float(data.get("wall_time", 0.0)),
+            segment=int(data.get("segment", 0)),
+            report=LayerReport.from_dict(data),
+        )
+
+
+# ---------------------------------------------------------------- alarms
+
+RANK_COLLAPSE = "rank_collapse"
+CORRELATION_TRAP = "correlation_trap"
+ALPHA_LOW = "alpha_low"
+ALPHA_HIGH = "alpha_high"
+NON_FINITE = "non_finite"
+PHASE_TRANSITION = "phase_transition"  # emitted by the monitor, which sees history
+
+ALARM_KINDS: tuple[str, ...] = (RANK_COLLAPSE, CORRELATION_TRAP, ALPHA_LOW, ALPHA_HIGH, NON_FINITE, PHASE_TRANSITION)
+
+@dataclass(frozen=True)
+class Alarm:
+    """One layer crossing one threshold.
+
+    ``value`` is the observed metric, ``threshold`` the limit it crossed; ``step`` is
+    the training step of the snapshot (None for offline analysis).
+    """
+
+    kind: str
+    layer: str
+    value: float
+    threshold: float
+    message: str
+    severity: str = "warning"  # "info" | "warning" | "error"
+    step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("value", "threshold"):
+            v = out[key]
+            out[key] = None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Alarm":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for key in ("value", "threshold"):
+            if kwargs.get(key) is None:
+                kwargs[key] = float("nan")
+        return cls(**kwargs)
