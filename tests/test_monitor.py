@@ -540,6 +540,21 @@ def test_phase_transitions_need_patience_and_keep_a_history():
     assert restored.history == policy.history and restored.phases == policy.phases
 
 
+def test_the_classifiers_unknown_phase_is_never_a_transition_endpoint():
+    # the classifier writes Phase.UNKNOWN.value ("Unknown"); a layer that could not be classified
+    # first, then is, has no transition (it sets its baseline silently), and an Unknown
+    # snapshot in between neither starts nor breaks one
+    from esdwatch.schema import Phase
+
+    policy = AlarmPolicy(patience={"phase_transition": 1})
+    out = []
+    for step, phase in enumerate([Phase.UNKNOWN.value, "Heavy-Tailed", Phase.UNKNOWN.value, "Heavy-Tailed",
+                                  "UNKNOWN", "Bulk-decay"]):
+        out += policy.update([_report("L", phase=phase)], step)
+    assert [(a.extra["from"], a.extra["to"], a.step) for a in out] == [("Heavy-Tailed", "Bulk-decay", 5)]
+    assert policy.history == {"L": [[5, "Heavy-Tailed", "Bulk-decay"]]}
+
+
 def test_policy_state_round_trips_through_json():
     policy = AlarmPolicy(patience=3)
     policy.update([_report("A", alpha=1.5, rank_collapse_fraction=0.9)], 1)

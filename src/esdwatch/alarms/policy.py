@@ -36,7 +36,7 @@ from esdwatch.alarms.rules import (
     AlarmRule,
     evaluate_alarms,
 )
-from esdwatch.schema import STATUS_FAILED, STATUS_OK, LayerReport
+from esdwatch.schema import STATUS_FAILED, STATUS_OK, LayerReport, phase_or_none
 
 __all__ = [
     "Action",
@@ -55,8 +55,6 @@ DEFAULT_PATIENCE = 2
 DEFAULT_PATIENCE_BY_KIND: dict[str, int] = {NON_FINITE: 1}
 DEFAULT_ACTIONS: dict[str, Action] = {NON_FINITE: "stop"}
 
-#: phases that carry no information (never a transition endpoint)
-_NO_PHASE = ("", "unknown", None)
 #: confirmed transitions kept per layer in the history
 HISTORY_LIMIT = 100
 
@@ -178,7 +176,7 @@ class AlarmPolicy:
         out: list[Alarm] = []
         patience = self.patience_for(PHASE_TRANSITION)
         for r in reports:
-            if r.status != STATUS_OK or r.phase in _NO_PHASE:
+            if r.status != STATUS_OK or phase_or_none(r.phase) is None:  # no phase: never a transition endpoint
                 continue
             st = self.phases.get(r.name)
             if st is None:

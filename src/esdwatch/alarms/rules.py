@@ -50,6 +50,7 @@ from esdwatch.schema import (
     STATUS_NON_FINITE,
     Alarm,
     LayerReport,
+    phase_or_none,
 )
 
 __all__ = [
@@ -66,9 +67,6 @@ __all__ = [
     "PHASE_TRANSITION",
 ]
 
-#: Phase values that mean "no phase was determined" (rules with ``phase`` then fall back
-#: to their threshold alone).
-_NO_PHASE = ("", "unknown", "Unknown")
 
 
 @dataclass(frozen=True)
@@ -107,11 +105,11 @@ class AlarmRule:
         if not crossed:
             return None
         layer_phase = getattr(layer, "phase", "") or ""
-        if self.phase is not None and layer_phase not in _NO_PHASE and layer_phase != self.phase:
+        if self.phase is not None and phase_or_none(layer_phase) is not None and layer_phase != self.phase:
             return None
         relation = (">=" if self.inclusive else ">") if self.above else ("<=" if self.inclusive else "<")
         extra = _extra(self.kind, layer)
-        phase_txt = f", phase {layer_phase}" if layer_phase not in _NO_PHASE else ""
+        phase_txt = f", phase {layer_phase}" if phase_or_none(layer_phase) is not None else ""
         return Alarm(
             kind=self.kind,
             layer=layer.name,
@@ -129,7 +127,7 @@ class AlarmRule:
 def _extra(kind: str, layer: LayerReport) -> dict[str, Any]:
     out: dict[str, Any] = {}
     phase = getattr(layer, "phase", "") or ""
-    if phase not in _NO_PHASE:
+    if phase_or_none(phase) is not None:
         out["phase"] = phase
     if kind == CORRELATION_TRAP:
         out["rand_distance"] = _finite_or_none(getattr(layer, "rand_distance", math.nan))
