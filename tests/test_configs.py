@@ -14,7 +14,7 @@ COMMON = ["--trainer.max_steps=12", "--trainer.limit_val_batches=0", "--trainer.
           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
           "--data.batch_size=32", "--model.hidden=[64, 64]",
           # test-sized schedule: every 2 steps, never skipping a snapshot
-          "--trainer.callbacks.init_args.every_n_steps=2", "--trainer.callbacks.init_args.on_backpressure=block"]
+          "--trainer.callbacks.init_args.every_n_steps=2", "--trainer.callbacks.init_args.execution.on_backpressure=block"]
 
 
 def _cli(config: str, *args: str):
@@ -52,8 +52,8 @@ def test_live_dashboard_config_writes_spectra_every_snapshot_and_figures_every_5
     cb = _monitor(cli)
     (logger,) = cli.trainer.loggers
     assert isinstance(logger, TensorBoardLogger) and logger.name == "live"
-    assert cb._monitor_kwargs["keep_evals"] is True and cb._monitor_kwargs["at_start"] is True
-    assert cb.sink_options == {"figure_every": 5, "hist_bins": 64, "max_esd_figures": 16}
+    assert cb.options.keep_evals is True and cb.options.at_start is True
+    assert cb.framework.sink_options == {"figure_every": 5, "hist_bins": 64, "max_esd_figures": 16}
 
     cli.trainer.fit(cli.model, cli.datamodule)
     steps = sorted({r.global_step for r in read_records(logger.log_dir)})
@@ -77,10 +77,10 @@ def test_long_run_guard_config_stops_training_on_rank_collapse(tmp_path):
     cli = _cli("long_run_guard.yaml", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
                *[a.replace("max_steps=12", "max_steps=40") for a in COMMON])
     cb = _monitor(cli)
-    kw = cb._monitor_kwargs
+    kw = {**vars(cb.options), **vars(cb.options.analysis)}  # the options, the analysis group flat
     # as written in the file (before the test's schedule override)
     raw = _cli("long_run_guard.yaml", f"--trainer.default_root_dir={tmp_path}")
-    assert _monitor(raw).every_n_steps == "auto" and _monitor(raw)._monitor_kwargs["max_overhead"] == 0.02
+    assert _monitor(raw).every_n_steps == "auto" and _monitor(raw).options.max_overhead == 0.02
     assert kw["traps"] is True
     assert kw["alarm_actions"] == {"rank_collapse": "stop", "correlation_trap": "stop", "non_finite": "stop",
                                    "alpha_low": "warn", "alpha_high": "warn"}

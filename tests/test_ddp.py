@@ -230,8 +230,8 @@ def _auto_worker(rank: int, world: int, out: str, port: int) -> None:
         intervals.append(mon.interval)
     mon.close()
     Path(out, f"auto{rank}.json").write_text(json.dumps({
-        "taken": taken, "intervals": intervals, "final": mon.snapshots, "cost": mon._cost_ema,
-        "wall": mon._wall_ema, "last_step": step, "exchanges": mon.stats["exchanges"],
+        "taken": taken, "intervals": intervals, "final": mon.snapshots, "cost": mon.parts.budget.cost_ema,
+        "wall": mon.parts.budget.wall_ema, "last_step": step, "exchanges": mon.stats["exchanges"],
         "skipped": mon.stats["skipped"]}))
     dist.destroy_process_group()
 

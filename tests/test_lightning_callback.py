@@ -377,7 +377,7 @@ def test_the_yaml_config_parses_with_lightning_cli(tmp_path, monkeypatch):
                        args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"])
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, LightningESDMonitor)]
     assert cb.every_n_steps == 50 and cb.monitor is None
-    kw = cb._monitor_kwargs
+    kw = {**vars(cb.options), **vars(cb.options.execution)}  # the options, the execution group flat
     assert kw["at_start"] is True and kw["worker"] == "thread" and kw["on_backpressure"] == "skip"
     assert kw["alarm_actions"] == {"rank_collapse": "warn", "non_finite": "stop"}
     assert kw["alarm_patience"] == {"rank_collapse": 2, "alpha_low": 3}

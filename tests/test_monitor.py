@@ -179,7 +179,7 @@ def test_strict_reraises_worker_errors_on_the_training_thread_after_writing(tmp_
         mon.step(4)  # blocks for step 2's result, handles it, raises
     with pytest.raises(EsdwatchError, match="at step 4"):
         mon.close()  # step 4 failed too: raised after everything is closed
-    assert mon.in_flight == 0 and mon._executor is None
+    assert mon.in_flight == 0 and mon.parts.runtime.executor is None
     assert [(r.global_step, r.report.status) for r in read_records(tmp_path)][:2] == [(2, "ok"), (2, "failed")]
 
 
@@ -227,7 +227,7 @@ def test_no_analyzable_layer_warns_once_and_training_continues(tmp_path):
 
 
 def test_a_failure_inside_esdwatch_skips_the_snapshot_and_training_goes_on(tmp_path, monkeypatch, caplog):
-    import esdwatch.monitor.monitor as monitor_mod
+    import esdwatch.monitor.distributed as monitor_mod
 
     calls = []
 

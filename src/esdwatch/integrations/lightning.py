@@ -58,14 +58,15 @@ the Lightning FSDP run itself is unverified without a GPU machine.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import math
 import warnings
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any
 
-from esdwatch.alarms.rules import Alarm, AlarmRule
-from esdwatch.monitor.monitor import Monitor
+from esdwatch.monitor import Monitor
+from esdwatch.monitor.options import FrameworkOptions, MonitorOptions, takes_monitor_options
 
 log = logging.getLogger("esdwatch.integrations.lightning")
 
@@ -80,125 +81,32 @@ class ESDMonitorBase:
 
     Snapshots copy the selected weights at the scheduled steps; a background worker
     computes every metric, phase and alarm; results are written in step order to
-    ``<log_dir>/esdwatch/records.jsonl`` (and ``alarms.jsonl``) and to the sinks.
-    See :class:`esdwatch.monitor.monitor.Monitor` for the full semantics.
-
-    Args:
-        every_n_steps: snapshot every n optimizer steps, or "auto" to stay within
-            ``max_overhead``; exactly one of every_n_steps / every_n_epochs ("auto" if neither).
-        every_n_epochs: snapshot at the end of every n-th training epoch.
-        at_start: also snapshot the initial weights (global step 0, fresh runs only).
-        at_end: also snapshot the final weights after the last step.
-        max_overhead: training-time fraction the analysis may cost under "auto".
-        layers: name patterns of the matrices to watch (globs, or "re:" regexes).
-        exclude: name patterns to leave out.
-        types: layer kinds to watch ("linear", "conv2d", "embedding", "attention", ...).
-        min_evals: skip matrices whose ESD has fewer eigenvalues.
-        max_evals: skip matrices whose ESD has more eigenvalues (None: no limit).
-        conv_mode: "pooled" (one ESD per conv layer) or "slices" (one per kernel position).
-        conv2d_norm: weightwatcher's Conv2d normalization.
-        dtype: eigenvalue precision, "float64" or "float32".
-        device: where the analysis runs (None: on CPU copies; "cuda": on the GPU, side stream).
-        method: eigenvalue route, "auto", "gram" or "svd".
-        mp_fit: fit the Marchenko-Pastur bulk.
-        phases: classify each layer's training phase.
-        traps: run the correlation-trap test.
-        keep_evals: hand the eigenvalues to the sinks (spectra plots) and write their histograms to
-            spectra.jsonl next to records.jsonl, for esdwatch report (a SpectraSink in sinks replaces that one).
-        worker: "thread" (default; chosen by experiments/bench_overhead.py, see esdwatch.monitor.monitor) or "process".
-        max_pending: snapshots in flight at most.
-        on_backpressure: "skip" (count and skip a snapshot while the worker is busy) or "block".
-        drain_timeout: seconds to wait for pending analyses at the end, at checkpoints and after errors.
-        worker_nice: niceness added to the worker (default 0: a niced worker is starved on a busy CPU).
-        worker_threads: intra-op threads of the worker.
-        drain_on_checkpoint: finish in-flight analyses before a checkpoint is saved.
-        alarm_rules: threshold rules (default esdwatch.alarms.rules.DEFAULT_RULES).
-        alarm_patience: consecutive snapshots before an alarm fires (int, or per alarm kind).
-        alarm_actions: per alarm kind: "log", "warn", "stop" or a callable (trainer, alarm) -> None.
-        phase_transitions: emit informational phase_transition alarms.
-        log_dir: output directory (default: the first logger's log_dir, else default_root_dir).
-        name: distinguishes two monitors on one Trainer (state key, output sub-directory
-            ``esdwatch/<name>/``, summary keys and logger tags ``esdwatch/<name>/...``); two
-            monitors with the same log_dir need distinct names (an error at setup otherwise).
-        sinks: extra sinks (objects with write(records, step), alarm(alarm), close()).
-        logger_sinks: also build sinks for the Trainer's loggers (esdwatch.sinks.sinks_for_loggers).
-        sink_options: keyword options for those sinks (figure_every, hist_bins, ...), passed to
-            esdwatch.sinks.sinks_for_loggers; an option no sink knows is an error at setup.
-        log_summary: log model-level averages as esdwatch/summary/<metric> via pl_module.log.
-        strict: re-raise analysis and sink failures in the training loop.
-        analyze_fn: replaces esdwatch.engine.analyzer.analyze_layers (picklable for worker="process").
+    ``<log_dir>/esdwatch/records.jsonl`` (and ``alarms.jsonl``) and to the sinks. Every
+    option is documented (and checked) once, in :mod:`esdwatch.monitor.options`; the
+    semantics are :class:`esdwatch.monitor.Monitor`'s.
     """
 
-    def __init__(
-        self,
-        every_n_steps: Union[int, Literal["auto"], None] = None,
-        every_n_epochs: Optional[int] = None,
-        at_start: bool = False,
-        at_end: bool = True,
-        max_overhead: float = 0.05,
-        layers: Union[str, list[str], None] = None,
-        exclude: Union[str, list[str], None] = None,
-        types: Optional[list[str]] = None,
-        min_evals: int = 50,
-        max_evals: Optional[int] = 15000,
-        conv_mode: Literal["pooled", "slices"] = "pooled",
-        conv2d_norm: bool = True,
-        dtype: Literal["float64", "float32"] = "float64",
-        device: Optional[str] = None,
-        method: Literal["auto", "gram", "svd"] = "auto",
-        mp_fit: bool = True,
-        phases: bool = True,
-        traps: bool = True,
-        keep_evals: bool = False,
-        worker: Literal["thread", "process"] = "thread",
-        max_pending: int = 1,
-        on_backpressure: Literal["skip", "block"] = "skip",
-        drain_timeout: float = 120.0,
-        worker_nice: int = 0,
-        worker_threads: Optional[int] = 1,
-        drain_on_checkpoint: bool = True,
-        alarm_rules: Optional[list[AlarmRule]] = None,
-        alarm_patience: Union[int, dict[str, int], None] = None,
-        alarm_actions: Optional[dict[str, Union[str, Callable[[Any, Alarm], None]]]] = None,
-        phase_transitions: bool = True,
-        log_dir: Optional[str] = None,
-        name: Optional[str] = None,
-        sinks: Optional[list[Any]] = None,
-        logger_sinks: bool = True,
-        sink_options: Optional[dict[str, Any]] = None,
-        log_summary: bool = True,
-        strict: bool = False,
-        analyze_fn: Optional[Callable[..., Any]] = None,
-    ):
+    @takes_monitor_options(FrameworkOptions, doc="""The Lightning callback of :class:`esdwatch.monitor.Monitor`.
+
+    ``log_dir`` defaults to the first logger's ``log_dir`` (else its ``save_dir``, else the
+    Trainer's ``default_root_dir``); two monitors with the same ``log_dir`` need distinct
+    ``name``s (an error at setup otherwise).""")
+    def __init__(self, **options: Any):
         super().__init__()
-        self._monitor_kwargs: dict[str, Any] = dict(
-            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, at_start=at_start, at_end=at_end,
-            max_overhead=max_overhead, layers=layers, exclude=exclude, types=types, min_evals=min_evals,
-            max_evals=max_evals, conv_mode=conv_mode, conv2d_norm=conv2d_norm, dtype=dtype, device=device,
-            method=method, mp_fit=mp_fit, phases=phases, traps=traps, keep_evals=keep_evals, worker=worker,
-            max_pending=max_pending, on_backpressure=on_backpressure, drain_timeout=drain_timeout,
-            worker_nice=worker_nice, worker_threads=worker_threads, drain_on_checkpoint=drain_on_checkpoint,
-            alarm_rules=alarm_rules, alarm_patience=alarm_patience, alarm_actions=alarm_actions,
-            phase_transitions=phase_transitions, name=name, strict=strict, analyze_fn=analyze_fn,
-        )
-        # validate every argument now (a clear error at construction, not mid-training);
-        # a Monitor without a model starts nothing
-        Monitor(None, **self._monitor_kwargs)
-        self.every_n_steps = every_n_steps
-        self.every_n_epochs = every_n_epochs
-        self.layers = layers
-        self.exclude = exclude
-        self.types = types
-        self.name = name
-        self.log_dir = log_dir
-        self.sinks = list(sinks or [])
-        self.logger_sinks = logger_sinks
-        self.sink_options = dict(sink_options or {})
+        framework = {f.name for f in dataclasses.fields(FrameworkOptions)}
+        self.framework = FrameworkOptions(**{k: options.pop(k) for k in list(options) if k in framework})
+        #: the monitor's options, checked now (a clear error at construction, not mid-training)
+        self.options = MonitorOptions.from_kwargs(**options)
         self._check_sink_options()
-        self.log_summary = log_summary
         self._monitor: Monitor | None = None
         self._pending_state: dict[str, Any] | None = None
         self._disabled = False
+
+    every_n_steps = property(lambda self: self.options.every_n_steps)
+    every_n_epochs = property(lambda self: self.options.every_n_epochs)
+    name = property(lambda self: self.options.name)
+    log_dir = property(lambda self: self.options.log_dir)
+    sinks = property(lambda self: list(self.options.sinks or []), doc="The user's sinks (the loggers' are added per fit).")
 
     # ---------------------------------------------------------------- plumbing
 
@@ -209,9 +117,10 @@ class ESDMonitorBase:
 
     @property
     def state_key(self) -> str:
+        o = self.options
         return self._generate_state_key(  # type: ignore[attr-defined]
-            every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs,
-            layers=self.layers, exclude=self.exclude, types=self.types, name=self.name,
+            every_n_steps=o.every_n_steps, every_n_epochs=o.every_n_epochs,
+            layers=o.layers, exclude=o.exclude, types=o.selection.types, name=o.name,
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -246,14 +155,14 @@ class ESDMonitorBase:
 
     def _check_sink_options(self) -> None:
         """Unknown sink options are an error here, on every rank (not later, on rank 0 only)."""
-        if not self.sink_options:
+        if not self.framework.sink_options:
             return
         try:
             known_by_kind = importlib.import_module("esdwatch.sinks.factory").sink_options()
         except (ImportError, AttributeError):
             return  # no logger sinks in this build: _logger_sinks warns
         known = set().union(*known_by_kind.values())
-        unknown = sorted(set(self.sink_options) - known)
+        unknown = sorted(set(self.framework.sink_options) - known)
         if unknown:
             raise ValueError(f"unknown sink_options {unknown}; known: {sorted(known)}")
 
@@ -264,20 +173,20 @@ class ESDMonitorBase:
             return []
         factory = getattr(sinks_mod, "sinks_for_loggers", None)
         if factory is None:
-            if self.sink_options:
+            if self.framework.sink_options:
                 log.warning("esdwatch: sink_options given but esdwatch.sinks.sinks_for_loggers is not available")
             return []
         # the monitor's name reaches the sinks, so two monitors on one logger write under
         # esdwatch/<name>/..., as their records (esdwatch/<name>/) and summaries do; an explicit
         # sink_options name or prefix wins
-        options = dict(self.sink_options)
+        options = dict(self.framework.sink_options or {})
         if self.name and "name" not in options:
             options["name"] = self.name
         try:
             return list(factory(list(getattr(trainer, "loggers", None) or []), **options))
         except TypeError as exc:  # an unknown sink option: the user's configuration error
-            if self.sink_options:
-                raise ValueError(f"esdwatch: bad sink_options {self.sink_options}: {exc}") from exc
+            if self.framework.sink_options:
+                raise ValueError(f"esdwatch: bad sink_options {self.framework.sink_options}: {exc}") from exc
             raise
         except Exception as exc:
             log.warning("esdwatch: could not build sinks for the loggers (%s: %s); records still go to records.jsonl",
@@ -293,7 +202,7 @@ class ESDMonitorBase:
         first for every reader, and their logger tags would collide too. Raised on every
         rank, at ``setup``, before anything is written.
         """
-        def where(cb: ESDMonitorBase) -> tuple[Optional[str], Optional[str]]:
+        def where(cb: ESDMonitorBase) -> tuple[str | None, str | None]:
             return (None if cb.log_dir is None else str(cb.log_dir).rstrip("/"), cb.name)
 
         mine = where(self)
@@ -313,7 +222,7 @@ class ESDMonitorBase:
             trainer.should_stop = True
 
     def _log_summary(self, pl_module: Any, *, on_epoch: bool) -> None:
-        if not self.log_summary or self._monitor is None:
+        if not self.framework.log_summary or self._monitor is None:
             return
         mon = self._monitor
         summary = mon.latest_summary if on_epoch else mon.pop_summary()
@@ -349,12 +258,13 @@ class ESDMonitorBase:
             return
         log_dir = self.log_dir or self._resolve_log_dir(trainer)
         rank = int(getattr(trainer, "global_rank", 0))
-        sinks = list(self.sinks)
-        if self.logger_sinks and rank == 0:
+        sinks = list(self.options.sinks or [])
+        if self.framework.logger_sinks and rank == 0:
             sinks += self._logger_sinks(trainer)
         strategy = trainer.strategy
+        options = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(MonitorOptions)}
         mon = Monitor(
-            pl_module, **self._monitor_kwargs, log_dir=log_dir, sinks=sinks, rank=rank,
+            pl_module, **{**options, "log_dir": log_dir, "sinks": sinks}, rank=rank,
             world_size=int(getattr(trainer, "world_size", 1)), context=trainer,
             # the wrapped model (DDP / FSDP1 root), resolved at each snapshot: strategies wrap it after setup()
             root_module=lambda: getattr(strategy, "model", None),

@@ -1,0 +1,243 @@
+"""Turning scheduled steps into snapshots and finished analyses into published records, in step order.
+
+The :class:`~esdwatch.monitor.Monitor` front asks its coordinator at each hook; two
+coordinators answer behind one interface (:class:`Coordinator`):
+
+* :class:`LocalCoordinator` (one process): a due step takes a snapshot at once (or skips
+  it when every buffer slot is in flight and ``on_backpressure="skip"``); finished
+  analyses are published as soon as every earlier one is.
+* :class:`~esdwatch.monitor.exchange.DistributedCoordinator` (several ranks): the ranks
+  decide together at *exchanges* (see :mod:`esdwatch.monitor.exchange`).
+
+Backpressure: at most ``max_pending`` snapshots are in flight (copied, not yet handed
+back). When the worker is behind, ``"skip"`` skips the snapshot, counts it
+(``stats["skipped"]``, :attr:`Coordinator.skipped_steps`) and warns once; ``"block"``
+makes the training thread wait for a free slot. The final (``at_end``) snapshot always
+waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from esdwatch.monitor.faults import Faults
+from esdwatch.monitor.options import MonitorOptions
+from esdwatch.monitor.outputs import Outputs
+from esdwatch.monitor.publisher import Publisher
+from esdwatch.monitor.runtime import AnalysisRuntime
+from esdwatch.monitor.schedule import OverheadBudget, Schedule, SnapshotCosts
+from esdwatch.monitor.snapshotter import Outcome, Snapshotter, Taken
+from esdwatch.monitor.stopping import StopDecision
+from esdwatch.monitor.worker import Result
+from esdwatch.schema import STATUS_FAILED, LayerRecord
+
+log = logging.getLogger("esdwatch.monitor")
+
+__all__ = ["Coordinator", "LocalCoordinator", "MonitorParts"]
+
+#: skipped steps kept in :attr:`Coordinator.skipped_steps` (the count in stats is exact)
+SKIPPED_KEEP = 1000
+
+
+@dataclass
+class MonitorParts:
+    """The collaborators of one monitor, built by :class:`~esdwatch.monitor.Monitor` and shared by its coordinator."""
+
+    options: MonitorOptions
+    schedule: Schedule
+    budget: OverheadBudget
+    faults: Faults
+    outputs: Outputs
+    publisher: Publisher
+    snapshotter: Snapshotter
+    runtime: AnalysisRuntime
+    stop: StopDecision
+    stats: dict[str, float]
+    #: the model to snapshot and the module holding its FSDP1 units (looked up at each snapshot)
+    model_and_root: Callable[[], tuple[torch.nn.Module, "torch.nn.Module | None"]]
+    writer: bool
+
+
+class Coordinator:
+    """What both coordinators share: counters, skips, the bookkeeping of a finished analysis."""
+
+    #: whether the coordinator reduces the stop decision itself (at its exchanges)
+    reduces_stop = False
+
+    def __init__(self, parts: MonitorParts):
+        self.p = parts
+        self.seq = 0  # the next snapshot's sequence number
+        self.snapshots = 0  # snapshots taken in this run
+        self.skipped_steps: list[int] = []
+        self._copy_s: dict[int, float] = {}  # seq -> seconds the training thread spent taking it
+
+    # ---- the interface the Monitor front uses
+    def on_step(self, step: int, epoch: int) -> None:
+        raise NotImplementedError
+
+    def on_epoch_end(self, step: int, epoch: int, due: bool) -> None:
+        raise NotImplementedError
+
+    def take_now(self, step: int, epoch: int, reason: str, *, block: bool | None = None, stop: bool = True) -> bool:
+        raise NotImplementedError
+
+    def collect(self, res: Result) -> None:
+        raise NotImplementedError
+
+    def finish(self, step: int, epoch: int, drain: Callable[[], bool], *, at_end: bool) -> None:
+        """End of training: the ``at_end`` snapshot (unless that step has one), then drain and flush."""
+        raise NotImplementedError
+
+    def before_checkpoint(self, drain: Callable[[], bool], running: bool) -> None:
+        raise NotImplementedError
+
+    def flush_partial(self) -> None:
+        """No more exchanges (an exception, an abort): publish what can be published."""
+
+    def raise_pending(self) -> None:
+        self.p.faults.raise_pending()
+
+    def planning_costs(self) -> SnapshotCosts:
+        """The measurements the ``"auto"`` interval is planned from."""
+        return self.p.budget.costs()
+
+    def load_counts(self, snapshots: int, skipped: int) -> None:
+        self.snapshots = snapshots
+
+    # ---- shared steps
+    def _block(self, block: bool | None) -> bool:
+        return (self.p.options.execution.on_backpressure == "block") if block is None else block
+
+    def _refresh_interval(self) -> None:
+        self.p.schedule.plan_interval(self.planning_costs(), log_changes=self.p.writer)
+
+    def _count_skip(self, step: int) -> None:
+        self.p.schedule.skipped(step)
+        self.p.stats["skipped"] += 1
+        self.skipped_steps.append(step)
+        del self.skipped_steps[:-SKIPPED_KEEP]
+        ex = self.p.options.execution
+        nice = (f", or worker_nice=0 (worker_nice={ex.worker_nice} yields the CPU to training and other "
+                f"processes, so a saturated CPU starves the worker)") if ex.worker_nice else ""
+        self.p.faults.warn_once(
+            "backpressure",
+            f"esdwatch: the analysis worker is still busy; skipped the snapshot at step {step} "
+            f"(on_backpressure='skip', max_pending={ex.max_pending}). Skipped snapshots are counted in "
+            f"stats['skipped']; snapshot less often (every_n_steps='auto' follows the worker's pace), raise "
+            f"max_pending, use on_backpressure='block'{nice}.",
+        )
+
+    def _took(self, step: int, seq: int, taken: Taken) -> None:
+        """Bookkeeping of a snapshot taken (submitted here, or on another rank)."""
+        self._copy_s[seq] = taken.copy_s
+        self.p.schedule.taken(step)
+        self.snapshots += 1
+        stats = self.p.stats
+        stats["snapshots"] += 1
+        stats["bytes_copied"] += taken.nbytes
+        stats["snapshot_s"] += taken.copy_s
+
+    def _empty(self, step: int) -> None:
+        self.p.stats["empty_snapshots"] += 1
+        self.p.schedule.last_snapshot_step = step
+
+    def _account(self, res: Result) -> None:
+        """This rank's bookkeeping of a finished analysis: stats, failures, the measured cost."""
+        stats = self.p.stats
+        stats["analysed"] += 1
+        stats["analysis_wall_s"] += res.wall_s
+        stats["analysis_cpu_s"] += res.cpu_s
+        stats["layers_analysed"] += len(res.reports)
+        failures: list[str] = []
+        for rep in res.reports:
+            if rep.status == STATUS_FAILED:
+                stats["failed_layers"] += 1
+                failures.append(f"{rep.name}: {rep.status_detail}")
+                log.warning("esdwatch: analysis of layer %r at step %d failed: %s", rep.name, res.step,
+                            rep.status_detail)
+                if res.tracebacks.get(rep.name):
+                    log.debug("esdwatch: traceback for layer %r:\n%s", rep.name, res.tracebacks[rep.name])
+        if res.error and not res.reports:
+            failures.append(res.error.strip().splitlines()[-1])
+            log.error("esdwatch: analysis of the snapshot at step %d failed (layers %s): %s",
+                      res.step, ", ".join(res.names) or "?", res.error.strip().splitlines()[-1])
+        self.p.budget.charge(res.cpu_s, self._copy_s.pop(res.seq, 0.0), res.wall_s)
+        if failures:
+            self.p.faults.fail(f"esdwatch: analysis failed at step {res.step} (strict=True): " + "; ".join(failures))
+
+    def _records(self, step: int, epoch: int, wall_time: float, reports: list) -> list[LayerRecord]:
+        return [LayerRecord(step, epoch, wall_time, rep, self.p.outputs.segment) for rep in reports]
+
+
+class LocalCoordinator(Coordinator):
+    """One process: snapshots at due steps, results published in submission order as they finish."""
+
+    reduces_stop = False
+
+    def __init__(self, parts: MonitorParts):
+        super().__init__(parts)
+        self._next = 0  # the next seq to publish
+        self._reorder: dict[int, Result] = {}
+
+    def on_step(self, step: int, epoch: int) -> None:
+        sched = self.p.schedule
+        if sched.auto and sched.interval is None:
+            self._refresh_interval()
+        # "auto": the first, measuring snapshot waits until nothing runs and a worker process has started
+        first = self.snapshots == 0 and self.p.runtime.in_flight == 0 and self.p.runtime.ready
+        if sched.step_due(step, first_auto_allowed=first):
+            sched.last_due_step = step
+            self.take_now(step, epoch, "step")
+
+    def on_epoch_end(self, step: int, epoch: int, due: bool) -> None:
+        if due:
+            self.take_now(step, epoch, "epoch")
+
+    def take_now(self, step: int, epoch: int, reason: str, *, block: bool | None = None, stop: bool = True) -> bool:
+        """Take a snapshot at ``step`` unless one was taken there; False if skipped."""
+        if self.p.schedule.last_snapshot_step == step:
+            return False  # never two snapshots of one step
+        model, root = self.p.model_and_root()
+        executor, pool = self.p.runtime.ensure()
+        if pool.free_slots() == 0 and self._block(block):
+            while pool.free_slots() == 0 and executor.in_flight > 0:
+                for res in self.p.runtime.wait(1.0):
+                    self.collect(res)
+        if pool.free_slots() == 0:
+            self._count_skip(step)
+            return False
+        taken = self.p.snapshotter.take(model, root, step, epoch, self.seq, pool, executor)
+        if taken.outcome is Outcome.EMPTY:
+            self._empty(step)
+        if taken.outcome is not Outcome.SUBMITTED:
+            return False
+        self.seq += 1
+        self._took(step, self.seq - 1, taken)
+        return True
+
+    def collect(self, res: Result) -> None:
+        """Release the slot at once; publish strictly in submission order."""
+        self.p.runtime.release(res)
+        self._reorder[res.seq] = res
+        while self._next in self._reorder:
+            ready = self._reorder.pop(self._next)
+            self._next += 1
+            t0 = time.perf_counter()
+            self._account(ready)
+            self.p.publisher.publish(ready.step, self._records(ready.step, ready.epoch, ready.wall_time, ready.reports))
+            self._refresh_interval()
+            self.p.stats["handle_s"] += time.perf_counter() - t0
+
+    def finish(self, step: int, epoch: int, drain: Callable[[], bool], *, at_end: bool) -> None:
+        if self.p.schedule.end_due(at_end, step):
+            self.take_now(step, epoch, "end", block=True)
+        drain()
+
+    def before_checkpoint(self, drain: Callable[[], bool], running: bool) -> None:
+        if self.p.runtime.in_flight:
+            drain()

@@ -1,0 +1,123 @@
+"""Where a monitor's results go: its run directory and its sinks, each call isolated from failures.
+
+The writer (rank 0) opens ``<log_dir>/esdwatch/`` (``<log_dir>/esdwatch/<name>/`` for a
+named monitor) as a new run segment: ``records.jsonl`` and ``alarms.jsonl`` through
+:class:`~esdwatch.sinks.jsonl.JsonlSink`, and, with ``keep_evals``, ``spectra.jsonl``
+through a :class:`~esdwatch.sinks.spectra.SpectraSink` (the eigenvalues are in hand
+anyway; a few hundred bytes per layer and snapshot keep the ESD for ``esdwatch report``)
+unless the user's sinks already hold one. A resumed run writes the next segment; what
+the interrupted run wrote after the checkpoint is superseded for every reader, and a run
+resumed into another directory first copies the history up to the checkpoint.
+
+Every sink call goes through :meth:`Outputs.call`: a sink that raises is reported by
+:class:`~esdwatch.monitor.faults.Faults` and the other sinks still run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from esdwatch.monitor.faults import Faults
+from esdwatch.schema import Alarm, LayerRecord
+from esdwatch.sinks.jsonl import RECORDS_FILE, JsonlSink, copy_history, next_segment
+from esdwatch.sinks.spectra import SpectraSink, copy_spectra
+
+log = logging.getLogger("esdwatch.monitor")
+
+__all__ = ["Outputs", "output_dir"]
+
+
+def output_dir(log_dir: Path | None, name: str | None) -> Path | None:
+    """``<log_dir>/esdwatch`` (``<log_dir>/esdwatch/<name>`` for a named monitor); None without a log_dir."""
+    if log_dir is None:
+        return None
+    return log_dir / "esdwatch" / name if name else log_dir / "esdwatch"
+
+
+class Outputs:
+    """The run directory's files and the sinks of one monitor (files on the writer only)."""
+
+    def __init__(self, directory: Path | None, sinks: Sequence[Any], faults: Faults, *, writer: bool,
+                 keep_evals: bool):
+        self.directory = directory
+        self.sinks: list[Any] = list(sinks)
+        self.faults = faults
+        self.writer = writer
+        self.keep_evals = keep_evals
+        self.segment = 0
+        #: the step a resumed (or continued) run goes on from; None for a fresh run
+        self.resumed_from: int | None = None
+        #: the directory of the run this one resumes (from the checkpoint)
+        self.previous_dir: str | None = None
+        self._jsonl: JsonlSink | None = None
+
+    @property
+    def records_path(self) -> Path | None:
+        return None if self.directory is None else self.directory / RECORDS_FILE
+
+    @property
+    def is_open(self) -> bool:
+        return self._jsonl is not None and self._jsonl.is_open
+
+    def open(self) -> None:
+        """Open the next run segment (the writer only; idempotent)."""
+        out = self.directory
+        if not self.writer or out is None or self.is_open:
+            return
+        if self.resumed_from is not None and self.previous_dir and Path(self.previous_dir) != out:
+            prev = Path(self.previous_dir)
+            if (prev / RECORDS_FILE).exists() and not (out / RECORDS_FILE).exists():
+                n = copy_history(prev, out, self.resumed_from)
+                copy_spectra(prev, out, self.resumed_from)
+                log.info("esdwatch: resumed into %s: copied %d records up to step %d from %s", out, n,
+                         self.resumed_from, prev)
+        segment = next_segment(out)
+        if self.resumed_from is not None:
+            segment = max(segment, self.segment)
+        self.segment = segment
+        self._jsonl = JsonlSink(out, segment=segment, resumed_from_step=self.resumed_from).open()
+        if self.keep_evals and not any(isinstance(s, SpectraSink) for s in self.sinks):
+            self.sinks.append(SpectraSink(out))
+
+    def reopen_as_resumed(self) -> None:
+        """A state was loaded after the outputs were opened: close them; :meth:`open` writes a resumed segment."""
+        if self.is_open:
+            log.warning("esdwatch: load_state_dict after the run started; reopening the outputs as a resumed segment")
+            assert self._jsonl is not None
+            self._jsonl.close()
+            self._jsonl = None
+
+    def call(self, sink: Any, what: str, action: Callable[[], Any]) -> None:
+        """Run one sink call; a failure is reported once and never reaches the training loop (unless strict)."""
+        try:
+            action()
+        except Exception as exc:
+            self.faults.sink_failed(sink, what, exc)
+
+    def _all(self) -> list[Any]:
+        return ([self._jsonl] if self._jsonl is not None else []) + self.sinks
+
+    def write(self, records: list[LayerRecord], step: int) -> None:
+        if records:
+            for sink in self._all():
+                self.call(sink, "write", lambda s=sink: s.write(records, step))
+
+    def alarm(self, alarm: Alarm) -> None:
+        for sink in self._all():
+            self.call(sink, "alarm", lambda s=sink: s.alarm(alarm))
+
+    def distributed(self, info: dict[str, Any]) -> None:
+        """Which rank analysed which layer of one snapshot (``distributed.jsonl``)."""
+        if self._jsonl is not None:
+            jsonl = self._jsonl
+            self.call(jsonl, "distributed", lambda: jsonl.distributed(info))
+
+    def close(self) -> None:
+        for sink in self._all():
+            try:
+                sink.close()
+            except Exception as exc:
+                log.warning("esdwatch: closing sink %s failed: %s", type(sink).__name__, exc)
+        self._jsonl = None

@@ -1,0 +1,72 @@
+"""Publishing a complete snapshot: its records to the outputs, the alarm policy and its actions.
+
+A snapshot is published once all its layers are analysed (and, with several ranks, once
+every rank's part has arrived), in step order, on the training thread. The writer (rank
+0) writes the records, runs :class:`~esdwatch.alarms.AlarmPolicy` and carries out each
+fired alarm's action (:func:`~esdwatch.alarms.actions.run_action`); every rank keeps the
+latest records and the model-level summary, so a framework's checkpoint or
+early-stopping callback sees the same values on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from esdwatch.alarms.actions import run_action
+from esdwatch.alarms.policy import AlarmPolicy
+from esdwatch.monitor.faults import Faults
+from esdwatch.monitor.outputs import Outputs
+from esdwatch.monitor.stopping import StopDecision
+from esdwatch.schema import Alarm, LayerRecord, summarize
+
+__all__ = ["Publisher"]
+
+
+class Publisher:
+    """Writes complete snapshots, fires their alarms and keeps the latest results."""
+
+    def __init__(self, outputs: Outputs, policy: AlarmPolicy, stop: StopDecision, faults: Faults, *,
+                 writer: bool, context: Any):
+        self.outputs = outputs
+        self.policy = policy
+        self.stop = stop
+        self.faults = faults
+        self.writer = writer
+        #: passed to callable alarm actions (the Trainer in a framework shell, else the Monitor)
+        self.context = context
+        #: the records of the latest published snapshot, by layer name
+        self.latest: dict[str, LayerRecord] = {}
+        self.latest_step: int | None = None
+        self.latest_summary: dict[str, float] = {}
+        self.summary_fresh = False
+        #: alarms fired in this run segment
+        self.alarms: list[Alarm] = []
+
+    def publish(self, step: int, records: list[LayerRecord]) -> None:
+        """One complete snapshot, in step order."""
+        if self.writer:
+            self.outputs.write(records, step)
+            try:
+                fired = self.policy.update([r.report for r in records], step)
+            except Exception as exc:
+                fired = []
+                self.faults.internal_error("evaluating the alarms", step, exc)
+            for alarm in fired:
+                self._fire(alarm)
+        self.latest = {r.name: r for r in records}
+        self.latest_step = step
+        self.latest_summary = summarize([r.report for r in records])
+        self.summary_fresh = True
+
+    def _fire(self, alarm: Alarm) -> None:
+        self.alarms.append(alarm)
+        self.outputs.alarm(alarm)
+        run_action(self.policy.action_for(alarm.kind), alarm, context=self.context,
+                   request_stop=self.stop.request, on_failure=self.faults.fail)
+
+    def pop_summary(self) -> dict[str, float] | None:
+        """The latest summary, once per published snapshot (else None)."""
+        if not self.summary_fresh:
+            return None
+        self.summary_fresh = False
+        return dict(self.latest_summary)
