@@ -114,7 +114,7 @@ def report(res: C.Results, runs: dict[int, C.Run], cfg: dict, n_train: int, n_te
         data["test"].append(run.metrics["test"])
         data["gap"].append(gap)
         for m in ("alpha", "mp_softrank", "stable_rank", "entropy", "num_spikes", "num_traps"):
-            data[m].append(C._num(getattr(r, m)))
+            data[m].append(C.as_float(getattr(r, m)))
         data["phase_order"].append(C.PHASE_ORDER.get(r.phase, math.nan))
         rows.append([bs, run.steps, C.fmt(run.metrics["train"]), C.fmt(run.metrics["test"]), C.fmt(gap),
                      f"**{r.phase}**", C.fmt(r.alpha, 2), C.fmt(r.mp_softrank, 3), C.fmt(r.stable_rank, 1),

@@ -75,7 +75,7 @@ from torch import nn  # noqa: E402
 import esdwatch  # noqa: E402
 from esdwatch.engine.layers import find_layers  # noqa: E402
 from esdwatch.engine.spectrum import batch_eigenvalues  # noqa: E402
-from esdwatch.engine.traps import _PERM_CACHE  # noqa: E402
+from esdwatch.engine.traps import clear_permutation_cache  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -130,7 +130,7 @@ def bench_model(name: str, model: nn.Module, repeats: int, with_ww: bool, slow_r
     row["b_esdwatch"] = median_time(lambda: esdwatch.analyze(model, traps=False), repeats)
     esdwatch.analyze(model, traps=True)  # warm: permutations drawn and cached
     row["b_esdwatch_traps"] = median_time(lambda: esdwatch.analyze(model, traps=True), repeats)
-    row["b_esdwatch_traps_cold"] = median_time(lambda: (_PERM_CACHE.clear(), esdwatch.analyze(model, traps=True)), repeats)
+    row["b_esdwatch_traps_cold"] = median_time(lambda: (clear_permutation_cache(), esdwatch.analyze(model, traps=True)), repeats)
     if with_ww:
         row["c_ww_default"] = median_time(lambda: weightwatcher_analyze(model), repeats)
         # minutes per run on the large layer: measured once unless asked otherwise

@@ -296,7 +296,7 @@ class Run:
 
     def series(self, layer: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of one layer's metric over the snapshots."""
-        rows = [(r.global_step, _num(getattr(r.report, metric))) for r in self.records if r.name == layer]
+        rows = [(r.global_step, as_float(getattr(r.report, metric))) for r in self.records if r.name == layer]
         rows.sort()
         return np.array([s for s, _ in rows]), np.array([v for _, v in rows], dtype=float)
 
@@ -427,7 +427,8 @@ def corr_text(c: dict[str, float], which: str = "both") -> str:
 # -------------------------------------------------------------------------- output
 
 
-def _num(v: Any) -> float:
+def as_float(v: Any) -> float:
+    """``float(v)``, or nan when v is None or not a number (for metrics that may be missing)."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -436,7 +437,7 @@ def _num(v: Any) -> float:
 
 
 def fmt(v: Any, digits: int = 3) -> str:
-    f = _num(v)
+    f = as_float(v)
     if not math.isfinite(f):
         return "-"
     return f"{f:.{digits}f}"

@@ -220,8 +220,8 @@ def report(res: C.Results, results: dict, cfg: dict) -> None:
         for step_label, getter in (("1", lambda run: run.at(1)), (str(T), lambda run: run.at())):
             recs = [getter(results[(opt, lr)]["run"])[LAYER].report for lr in lrs]
             ph = [C.PHASE_ORDER.get(r.phase, math.nan) for r in recs]
-            al = [C._num(r.alpha) for r in recs]
-            sr = [C._num(r.mp_softrank) for r in recs]
+            al = [C.as_float(r.alpha) for r in recs]
+            sr = [C.as_float(r.mp_softrank) for r in recs]
             cp, ca, cs = C.rank_corr(np.log(lrs), ph), C.rank_corr(np.log(lrs), al), C.rank_corr(np.log(lrs), sr)
             corr[(opt, step_label)] = (cp, ca, cs)
             crow.append([opt.upper() if opt == "gd" else "Adam", step_label,
@@ -243,7 +243,7 @@ def report(res: C.Results, results: dict, cfg: dict) -> None:
             for step, ls in ((1, ":"), (T, "-")):
                 recs = [(results[(opt, lr)]["run"].at(step) if step == 1 else results[(opt, lr)]["run"].at())[LAYER]
                         .report for lr in lrs]
-                vals = [C._num(getattr(r, metric)) for r in recs]
+                vals = [C.as_float(getattr(r, metric)) for r in recs]
                 ax.plot(lrs, vals, ls, color="#555555" if opt == "gd" else "#1f77b4", lw=1,
                         label=f"{'GD' if opt == 'gd' else 'Adam'}, step {step}")
                 ax.scatter(lrs, vals, c=[colors.get(r.phase, "#000") for r in recs], marker=marker, s=30, zorder=3,
@@ -360,7 +360,7 @@ def report(res: C.Results, results: dict, cfg: dict) -> None:
         ro = [results[(opt, lr)]["run"].metrics["readout"] for lr in lrs]
         best = int(np.nanargmin(ro))
         r_best = results[(opt, lrs[best])]["run"].at()[LAYER].report
-        c = C.rank_corr([C._num(results[(opt, lr)]["run"].at()[LAYER].report.alpha) for lr in lrs], ro)
+        c = C.rank_corr([C.as_float(results[(opt, lr)]["run"].at()[LAYER].report.alpha) for lr in lrs], ro)
         gen_lines.append(f"{'GD' if opt == 'gd' else 'Adam'}: best readout MSE {ro[best]:.3f} (initial features "
                          f"{results[(opt, lrs[0])]['init_readout']:.3f}) at lr {lrs[best]:g}, where W is "
                          f"{r_best.phase} (alpha {C.fmt(r_best.alpha, 2)}); alpha vs readout MSE over the rates: "

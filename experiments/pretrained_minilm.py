@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _ww(details, name: str, col: str) -> float:
     if details is None or name not in details.index or col not in details.columns:
         return math.nan
-    return C._num(details.loc[name, col])
+    return C.as_float(details.loc[name, col])
 
 
 def report(res: C.Results, rep, details, t_esd: float, t_ww: float, mode: str, blocks: int) -> None:
@@ -132,7 +132,7 @@ def report(res: C.Results, rep, details, t_esd: float, t_ww: float, mode: str, b
             trap_pairs.append((layer.num_traps, int(t_ww_)))
         s_ww = _ww(details, layer.name, "mp_softrank")
         if math.isfinite(s_ww):
-            soft_pairs.append((C._num(layer.mp_softrank), s_ww))
+            soft_pairs.append((C.as_float(layer.mp_softrank), s_ww))
         k_ww = _ww(details, layer.name, "num_spikes")
         if math.isfinite(k_ww):
             spike_pairs.append((layer.num_spikes, int(k_ww)))

@@ -1,4 +1,7 @@
-"""The spectral engine: from weight matrices to typed reports. Imports torch, numpy and scipy only.
+"""The spectral engine: from weight matrices to typed reports.
+
+Imports torch, numpy and scipy, and of esdwatch only :mod:`esdwatch.schema` (records, the
+phase vocabulary) and :mod:`esdwatch.alarms` (``ModelReport.alarms``).
 
 =====================  ==============================================================
 module                 what it is for
@@ -16,5 +19,7 @@ module                 what it is for
 ``synthetic``          ground-truth matrices of every phase, for tests and benchmarks
 =====================  ==============================================================
 
-The public names are re-exported by :mod:`esdwatch`.
+The public names are re-exported by :mod:`esdwatch`. The measurements behind the
+engine's design choices (timings, calibration tables) are in
+``experiments/results/engine_design_notes.md``.
 """

@@ -14,8 +14,8 @@ import contextlib
 import dataclasses
 import logging
 import time
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -25,18 +25,20 @@ from esdwatch.engine.layers import LayerMatrix, find_layers
 from esdwatch.engine.metrics import DEFAULT_ZERO_TOL, layer_metrics
 from esdwatch.engine.model_report import ModelReport
 from esdwatch.engine.mp import DEFAULT_TW_MARGIN, fit_mp
+from esdwatch.engine.phases import DEFAULT_THRESHOLDS, classify_report
+from esdwatch.engine.spectrum import DeferredMatrix, Method, batch_eigenvalues, iter_eigenvalues
+from esdwatch.engine.threads import parallel_map
+from esdwatch.engine.traps import randomize_matrix, trap_fields_from_evals
 from esdwatch.schema import (
     STATUS_DEGENERATE,
     STATUS_FAILED,
     STATUS_NON_FINITE,
     LayerReport,
 )
-from esdwatch.engine.spectrum import DeferredMatrix, Method, batch_eigenvalues, iter_eigenvalues
-from esdwatch.engine.threads import parallel_map
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AnalysisConfig", "analyze", "analyze_matrix", "analyze_layers"]
+__all__ = ["AnalysisConfig", "analyze", "analyze_matrix", "analyze_layers", "layer_report"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class AnalysisConfig:
     zero_tol:
         Relative tolerance of ``rank_collapse_fraction``.
     phases:
-        Classify each layer into the 5+1 phases (when :mod:`esdwatch.engine.phases` exists).
+        Classify each layer into the 5+1 phases (:mod:`esdwatch.engine.phases`).
     traps:
         Run the correlation-trap test (one more eigendecomposition per layer).
     keep_evals:
@@ -75,8 +77,9 @@ class AnalysisConfig:
         Torch intra-op threads for the duration of the analysis (``None``: leave as is).
         torch's thread count is process-wide: set it only in a process that does
         nothing else meanwhile (the CLI, a process worker). Under core oversubscription
-        (training beside the analysis on 2 cores) OpenMP threads spin-wait and a batched
-        eigvalsh measured 76x slower with 2 threads than with 1.
+        (training beside the analysis on the same cores) OpenMP threads spin-wait, and
+        more threads make the eigenvalues far slower, not faster
+        (experiments/results/engine_design_notes.md).
     """
 
     dtype: torch.dtype = torch.float64
@@ -139,8 +142,7 @@ def _screen_weight(W: torch.Tensor) -> tuple[int, int]:
     zero when its maximum and minimum both are. NaN propagates through ``amax``/``amin``
     and an Inf survives one of them, so the row extremes already say whether W is finite;
     the exact count is taken only when it is not. Reducing W directly, rather than
-    ``W.abs()``, avoids allocating and writing a copy of the weights (2.5x faster on a
-    30522 x 384 embedding).
+    ``W.abs()``, avoids allocating and writing a copy of the weights.
     """
     W = W.reshape(-1, W.shape[-2], W.shape[-1])
     row_max, row_min = W.amax(dim=-1), W.amin(dim=-1)  # (S, N)
@@ -175,27 +177,8 @@ def analyze_layers(
 
 def _analyze_layers(mats: Sequence[LayerMatrix], config: AnalysisConfig) -> list[LayerReport]:
     reports: list[LayerReport | None] = [None] * len(mats)
-    dead_units: dict[int, int] = {}
-    finite_idx: list[int] = []
-    # the screening reductions release the GIL: spread over the threads like the spectra
-    for i, screened in parallel_map(_try_screen, [mat.weight for mat in mats]):
-        mat = mats[i]
-        if isinstance(screened, Exception):  # e.g. a tensor type torch cannot reduce
-            reports[i] = layer_report(mat, status=STATUS_FAILED, status_detail=f"{type(screened).__name__}: {screened}")
-            continue
-        bad, dead_units[i] = screened
-        if bad:
-            reports[i] = layer_report(
-                mat,
-                status=STATUS_NON_FINITE,
-                status_detail=f"{bad} of {mat.weight.numel()} entries are NaN or Inf",
-                num_non_finite=bad,
-            )
-            continue
-        finite_idx.append(i)
-    finite_idx.sort()
-
-    randomize = _trap_randomizer() if config.traps else None
+    dead_units = _screen_layers(mats, reports)
+    finite_idx = sorted(dead_units)
     n = len(finite_idx)
     if not n:
         return [r for r in reports if r is not None]
@@ -204,32 +187,54 @@ def _analyze_layers(mats: Sequence[LayerMatrix], config: AnalysisConfig) -> list
     # parallel on the CPU backend, each copy freed as soon as its eigenvalues are known)
     weights: list[Any] = [mats[i].weight for i in finite_idx]
     scales = [mats[i].scale for i in finite_idx]
-    if randomize is not None:
-        weights += [DeferredMatrix(mats[i].weight, partial(randomize, seed=config.seed)) for i in finite_idx]
+    if config.traps:
+        weights += [DeferredMatrix(mats[i].weight, partial(randomize_matrix, seed=config.seed)) for i in finite_idx]
         scales += scales
+    computed = _all_eigenvalues(weights, scales, config)
+    for k, i in enumerate(finite_idx):
+        reports[i] = _finish_layer(mats[i], computed[k], computed.get(n + k), config, dead_units[i])
+    return [r for r in reports if r is not None]
+
+
+def _screen_layers(mats: Sequence[LayerMatrix], reports: list[LayerReport | None]) -> dict[int, int]:
+    """Screen every weight: ``{index: dead units}`` of the finite ones; the others get their
+    (failed / non-finite) report in ``reports``."""
+    dead_units: dict[int, int] = {}
+    # the screening reductions release the GIL: spread over the threads like the spectra
+    for i, screened in parallel_map(_try_screen, [mat.weight for mat in mats]):
+        mat = mats[i]
+        if isinstance(screened, Exception):  # e.g. a tensor type torch cannot reduce
+            reports[i] = layer_report(mat, status=STATUS_FAILED, status_detail=f"{type(screened).__name__}: {screened}")
+            continue
+        bad, dead = screened
+        if bad:
+            reports[i] = layer_report(
+                mat,
+                status=STATUS_NON_FINITE,
+                status_detail=f"{bad} of {mat.weight.numel()} entries are NaN or Inf",
+                num_non_finite=bad,
+            )
+            continue
+        dead_units[i] = dead
+    return dead_units
+
+
+def _all_eigenvalues(weights: Sequence[Any], scales: Sequence[float], config: AnalysisConfig
+                     ) -> dict[int, torch.Tensor | Exception]:
+    """``{k: eigenvalues of weights[k]}``, or the exception that entry raised.
+
+    One batched pass; if a batched call fails (e.g. out of memory), the entries not yet
+    done are retried one by one.
+    """
     computed: dict[int, torch.Tensor | Exception] = {}
-
-    def finish(k: int) -> None:
-        """Analyse the k-th finite layer from its spectra (original, and randomized with traps)."""
-        i, ev = finite_idx[k], computed[k]
-        if isinstance(ev, Exception):
-            reports[i] = layer_report(mats[i], status=STATUS_FAILED, status_detail=f"eigenvalues: {type(ev).__name__}: {ev}")
-            return
-        rand = computed.get(n + k)
-        try:
-            reports[i] = _analyze_one(mats[i], ev, None if isinstance(rand, Exception) else rand, config, dead_units[i])
-        except Exception as exc:
-            log.warning("esdwatch: analysis of layer %r failed: %s", mats[i].name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-            reports[i] = layer_report(mats[i], status=STATUS_FAILED, status_detail=f"{type(exc).__name__}: {exc}")
-
     options = dict(dtype=config.dtype, device=config.device, method=config.method)
     try:
         # every spectrum first, then the fits: fitting one layer (Python, holding the GIL)
-        # while the pool decomposes the next made the pool wait for the GIL at each kernel
-        # boundary (13% slower on all-MiniLM-L6-v2 with traps, 2 cores)
+        # while the pool decomposes the next makes the pool wait for the GIL at each
+        # kernel boundary (experiments/results/engine_design_notes.md)
         for k, ev in iter_eigenvalues(weights, scales=scales, **options):
             computed[k] = ev
-    except Exception:  # a batched call failed (e.g. out of memory): the rest one by one
+    except Exception:
         log.debug("batched eigenvalues failed, retrying layer by layer", exc_info=True)
         for k, (W, scale) in enumerate(zip(weights, scales)):
             if k not in computed:
@@ -237,9 +242,24 @@ def _analyze_layers(mats: Sequence[LayerMatrix], config: AnalysisConfig) -> list
                     computed[k] = batch_eigenvalues([W], scales=[scale], **options)[0]
                 except Exception as exc:
                     computed[k] = exc
-    for k in range(n):
-        finish(k)
-    return [r for r in reports if r is not None]
+    return computed
+
+
+def _finish_layer(
+    mat: LayerMatrix,
+    ev: torch.Tensor | Exception,
+    rand: torch.Tensor | Exception | None,
+    config: AnalysisConfig,
+    dead_units: int,
+) -> LayerReport:
+    """The report of one finite layer from its spectra (original, and randomized with traps)."""
+    if isinstance(ev, Exception):
+        return layer_report(mat, status=STATUS_FAILED, status_detail=f"eigenvalues: {type(ev).__name__}: {ev}")
+    try:
+        return _analyze_one(mat, ev, None if isinstance(rand, Exception) else rand, config, dead_units)
+    except Exception as exc:
+        log.warning("esdwatch: analysis of layer %r failed: %s", mat.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return layer_report(mat, status=STATUS_FAILED, status_detail=f"{type(exc).__name__}: {exc}")
 
 
 def _analyze_one(
@@ -285,10 +305,6 @@ def _analyze_one(
 
 
 def _with_phase(report: LayerReport, ev: np.ndarray, mp: Any, tw_margin: float) -> LayerReport:
-    try:
-        from esdwatch.engine.phases import DEFAULT_THRESHOLDS, classify_report
-    except ImportError:  # phase classifier not available in this build
-        return report
     if tw_margin != DEFAULT_THRESHOLDS.tw_margin:
         mp = None  # fitted with another spike margin: the classifier fits its own
     return classify_report(report, ev, mp=mp)
@@ -308,21 +324,10 @@ def _lora_nonzero(ev: np.ndarray, mat: LayerMatrix) -> np.ndarray:
     return ev[ev > tol]
 
 
-def _trap_randomizer():
-    """``esdwatch.engine.traps.randomize_matrix`` when the trap test is available."""
-    try:
-        from esdwatch.engine.traps import randomize_matrix
-    except ImportError:
-        return None
-    return randomize_matrix
-
-
 def _trap_fields(mat: LayerMatrix, ev: np.ndarray, rand_evals_t: torch.Tensor, config: AnalysisConfig) -> dict[str, Any]:
-    from esdwatch.engine.traps import _stored_transposed, trap_fields_from_evals
-
     kwargs: dict[str, Any] = {} if config.tw_margin is None else {"tw_margin": config.tw_margin}
     fields = trap_fields_from_evals(
-        mat.weight, ev, rand_evals_t, mat.N, mat.M, transpose_entries=_stored_transposed(mat), **kwargs
+        mat.weight, ev, rand_evals_t, mat.N, mat.M, transpose_entries=mat.stored_transposed, **kwargs
     )
     known = {f.name for f in dataclasses.fields(LayerReport)}
     return {k: v for k, v in fields.items() if k in known}

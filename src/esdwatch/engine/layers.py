@@ -92,7 +92,16 @@ from torch import nn
 
 from esdwatch.schema import SkippedLayer
 
-__all__ = ["LayerMatrix", "SkippedLayer", "find_layers", "iter_layers", "KINDS", "CONV_MODES"]
+__all__ = [
+    "LayerMatrix",
+    "SkippedLayer",
+    "find_layers",
+    "iter_layers",
+    "clean_module_name",
+    "unwrap_compiled",
+    "KINDS",
+    "CONV_MODES",
+]
 
 #: Every value :attr:`LayerMatrix.kind` can take.
 KINDS: frozenset[str] = frozenset(
@@ -167,6 +176,16 @@ class LayerMatrix:
         """Original (stored) shape; see ``source_shape``."""
         return tuple(self.source_shape) if self.source_shape else (self.N, self.M)
 
+    @property
+    def stored_transposed(self) -> bool:
+        """True when a 2-D parameter is stored (M x N) and ``weight`` is its transpose.
+
+        Positions in ``weight`` (row, col) are then (col, row) in the parameter as stored,
+        e.g. an ``nn.Linear`` (out < in) whose weight was oriented N >= M.
+        """
+        src = tuple(self.source_shape or ())
+        return len(src) == 2 and self.num_slices == 1 and src == (self.M, self.N) and self.M != self.N
+
     def __repr__(self) -> str:
         return (
             f"LayerMatrix(name={self.name!r}, kind={self.kind!r}, module_type={self.module_type!r}, "
@@ -182,9 +201,13 @@ def _orient(w: torch.Tensor) -> torch.Tensor:
     return w.transpose(-2, -1) if w.shape[-2] < w.shape[-1] else w
 
 
-def _clean_name(name: str) -> str:
-    # torch.compile wraps a module in OptimizedModule whose only child is `_orig_mod`;
-    # dropping that component gives the names the user's own module has.
+def clean_module_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` components that ``torch.compile`` adds.
+
+    torch.compile wraps a module in an ``OptimizedModule`` whose only child is
+    ``_orig_mod``; dropping that component gives the names the user's own module has
+    (``"_orig_mod.fc1"`` -> ``"fc1"``). Other names are returned unchanged.
+    """
     if "_orig_mod" not in name:
         return name
     return ".".join(p for p in name.split(".") if p != "_orig_mod")
@@ -538,7 +561,7 @@ def _iter_module(model: nn.Module, cfg: _Config) -> Iterator[LayerMatrix | Skipp
     # remove_duplicate=False: a module registered twice is visited under both names and
     # its parameters are then reported as tied, instead of silently vanishing.
     for raw, mod in model.named_modules(remove_duplicate=False):
-        name = _clean_name(raw)
+        name = clean_module_name(raw)
         while pending and not _in_subtree(name, pending[-1][0]):
             for cand in pending.pop()[1]:
                 yield from _process(cand, cfg, seen)
@@ -659,9 +682,12 @@ def _process(cand: _Candidate, cfg: _Config, seen: dict[tuple, tuple[str, torch.
             yield mat
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # torch.compile(model) returns an OptimizedModule holding the user's module as
-    # `_orig_mod`; analyse that, so names carry no `_orig_mod.` prefix.
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The user's module inside (possibly nested) ``torch.compile`` wrappers, else ``model``.
+
+    ``torch.compile(model)`` returns an ``OptimizedModule`` holding the user's module as
+    ``_orig_mod``; layers are discovered on that, so names carry no ``_orig_mod.`` prefix.
+    """
     while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod
     return model
@@ -706,7 +732,7 @@ def iter_layers(
         conv2d_norm=conv2d_norm,
     )
     if isinstance(model_or_state_dict, nn.Module):
-        return _iter_module(_unwrap(model_or_state_dict), cfg)
+        return _iter_module(unwrap_compiled(model_or_state_dict), cfg)
     if isinstance(model_or_state_dict, Mapping):
         return _iter_state_dict(model_or_state_dict, cfg)
     raise TypeError(f"expected an nn.Module or a state dict, got {type(model_or_state_dict).__name__}")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 from esdwatch.alarms.rules import evaluate_alarms
 from esdwatch.schema import NAN, SUMMARY_METRICS, LayerReport, SkippedLayer, summarize

@@ -60,26 +60,13 @@ MIN_EVALS = 4
 #: For pure noise z = (lambda_max - lambda_plus) / s is TW1-distributed (mean -1.21,
 #: sd 1.27, 99th percentile 2.02) *if sigma^2 is known*. With the fitted sigma^2 its
 #: spread widens at small M (sigma^2 error d shifts z by ~ d * lambda_plus / s, and
-#: lambda_plus / s grows like M^(2/3)): measured sd of z 1.47 at M = 50, Q = 1 (sigma^2
-#: sd 4.5 %), 1.38 at M = 128, 1.31 at M = 256, 1.13-1.39 at M = 512-1024.
-#: Measured fraction of pure Gaussian N x M matrices (N = Q M, Q in {1, 2, 4}) with
-#: num_spikes > 0, by margin (fit_mp defaults otherwise; ~14,000 matrices in all: 1000
-#: seeds per (M, Q) for M = 50 and 64, 2000 for 128, 500 for 256, 200 for 512, 60 for 1024):
-#:
-#:     margin           2          2.5        3          3.5      4        5
-#:     M=50,   Q=1      2.3 %      1.6 %      1.2 %      0.5 %    0.2 %    0
-#:     M=50,   Q=2,4    1.4-1.8 %  0.5-1.1 %  0-0.5 %    0-0.1 %  0-0.1 %  0
-#:     M=64,   Q=1,2,4  1.0-1.5 %  0.3-0.8 %  0-0.4 %    0-0.3 %  0-0.1 %  0
-#:     M=128,  Q=1,2,4  1.0-1.8 %  0.3-0.6 %  0.1-0.5 %  0-0.3 %  0-0.2 %  0
-#:     M=256,  Q=1,2,4  1.0-1.4 %  0.2-0.6 %  0-0.2 %    0        0        0
-#:     M=512,  Q=1,2,4  0.5-2.0 %  0.5-1.0 %  0-0.5 %    0        0        0
-#:     M=1024, Q=1,2,4  0-1.7 %    0-1.7 %    0          0        0        0
-#:
-#: 4 keeps false spikes <= 0.2 % everywhere (0 in 2,280 matrices with M >= 256) whereas
-#: 3 reaches 1.2 % for the smallest layers; a real spike only needs to clear lambda_plus
-#: by one more s (1.6 % of lambda_plus at M = 256, Q = 1; 0.25 % at M = 4096), far less
-#: than the separation of a signal above the BBP threshold. Pooled conv slices take the
-#: maximum of several TW draws and are a little more exposed.
+#: lambda_plus / s grows like M^(2/3)). On pure Gaussian matrices a margin of 4 keeps
+#: false spikes at or below 0.2 % for M >= 50, where 3 reaches about 1 % for the smallest
+#: layers (the calibration table, by margin, M and Q, is in
+#: ``experiments/results/engine_design_notes.md``); a real spike only needs to clear
+#: lambda_plus by one more s, far less than the separation of a signal above the BBP
+#: threshold. Pooled conv slices take the maximum of several TW draws and are a little
+#: more exposed.
 DEFAULT_TW_MARGIN = 4.0
 
 
@@ -169,13 +156,16 @@ def mp_cdf(x, sigma2: float, Q: float) -> np.ndarray:
     """
     sigma2 = _check_sigma2(sigma2)
     Q = _check_q(Q)
-    a, b = mp_edges(sigma2, Q)
     x = np.asarray(x, dtype=float)
-    xc = np.clip(x, a, b)
+    return np.where(np.isnan(x), np.nan, _mp_cdf_values(x, sigma2, Q))
+
+
+def _mp_cdf_values(x: np.ndarray, sigma2: float, Q: float) -> np.ndarray:
+    """MP CDF at ``x``: :func:`_mp_cdf_unit` inside [x_-, x_+], 0 below, 1 above."""
+    a, b = mp_edges(sigma2, Q)
     with np.errstate(divide="ignore", invalid="ignore"):
-        F = _mp_cdf_unit(xc, a, b, Q, sigma2)
-    F = np.where(x <= a, 0.0, np.where(x >= b, 1.0, F))
-    return np.where(np.isnan(x), np.nan, F)
+        F = _mp_cdf_unit(np.clip(x, a, b), a, b, Q, sigma2)
+    return np.where(x <= a, 0.0, np.where(x >= b, 1.0, F))
 
 
 @lru_cache(maxsize=256)
@@ -277,10 +267,8 @@ def tracy_widom_scale(N: float, M: float, sigma2: float = 1.0) -> tuple[float, f
 #: Probability levels at which empirical and MP quantiles are matched (least squares).
 #: Low/mid levels only: the top 40 % of the spectrum, where spikes, bleeding-out mass and
 #: heavy tails live, is never used, and the bottom 5 % (the soft lower edge) is skipped.
-#: A wider range trades robustness for variance; measured on 100 matrices each
-#: (M = 256, Q = 1; sigma^2 error, mean +- sd): top level 0.5 / 0.6 / 0.75 / 0.9 gives
-#: Gaussian -0.4 +- 1.1 / -0.2 +- 0.9 / -0.1 +- 0.7 / -0.1 +- 0.6 %, and with 10
-#: undetected signal directions at 1.2x the BBP threshold +1.3 / +1.4 / +1.7 / +2.3 %.
+#: A wider range trades robustness (bias from undetected signal directions) for variance
+#: (measurements by top level: ``experiments/results/engine_design_notes.md``).
 FIT_LEVELS = np.linspace(0.05, 0.60, 56)
 FIT_LEVELS.setflags(write=False)
 
@@ -382,10 +370,7 @@ def _ks(x_sorted: np.ndarray, sigma2: float, Q: float) -> float:
     n = x_sorted.size
     if n == 0:
         return NAN
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a, b = mp_edges(sigma2, Q)
-        F = _mp_cdf_unit(np.clip(x_sorted, a, b), a, b, Q, sigma2)
-    F = np.where(x_sorted <= a, 0.0, np.where(x_sorted >= b, 1.0, F))
+    F = _mp_cdf_values(x_sorted, sigma2, Q)
     i = np.arange(1, n + 1)
     return float(max(np.max(i / n - F), np.max(F - (i - 1) / n)))
 
@@ -430,9 +415,9 @@ def fit_mp(
     zero_tol : float, optional
         Eigenvalues <= zero_tol count as zero. Default ``sqrt(n) * eps * lambda_max``
         with eps that of the input dtype: the exact zeros of a rank-deficient W come out
-        of a Gram ``eigvalsh`` as +-(0.4 to 1.3) eps lambda_max (measured, float32 and
-        float64, n = 1024), while genuine MP eigenvalues at Q = 1 reach down to about
-        lambda_max / (16 M^2) and must not be cut (float32 input cuts ~0.3 % of them).
+        of a Gram ``eigvalsh`` as +-O(eps lambda_max), while genuine MP eigenvalues at
+        Q = 1 reach down to about lambda_max / (16 M^2) and must not be cut
+        (measurements: ``experiments/results/engine_design_notes.md``).
 
     Estimator
     ---------
@@ -456,19 +441,17 @@ def fit_mp(
        deflate itself away).
     3. "ks" then minimizes the KS distance between the deflated bulk and MP(sigma^2, Q_b)
        over log sigma^2 (scipy ``minimize_scalar``, bounded, +-0.7 around step 2's value);
-       about 10x slower, and only slightly less noisy on Gaussian data.
+       much slower, and only slightly less noisy on Gaussian data.
 
     Why it is robust: the naive estimate (mean eigenvalue = trace / (N M) = sigma^2) sees
     every spike and every heavy-tail eigenvalue with its full weight. Quantiles at levels
     <= 0.6 do not depend on the values of the top 40 % at all; k spikes among M
     eigenvalues only move the levels by O(k / M) (e.g. the median by k/(2M)), which
-    step 2 removes: measured bias of sigma^2 with k planted strong spikes, M = 256, Q = 1:
-    +2.0 % (k = 5) and +8.9 % (k = 20) without deflation, -0.3 % and -0.8 % with it.
-    For pure Gaussian W the estimate is essentially unbiased with a relative sd of
-    0.8 % (M = 256, Q = 1), 0.4 % (M = 512), 0.2 % (M = 1024), 0.36 % (M = 256, Q = 4),
-    close to the efficiency of the trace (sd sqrt(2 / (N M))): the eigenvalues are rigid,
-    so a smooth average of many order statistics is a linear spectral statistic with
-    O(1/M) fluctuations.
+    step 2 removes. For pure Gaussian W the estimate is essentially unbiased, with a
+    spread close to the efficiency of the trace (sd sqrt(2 / (N M))): the eigenvalues
+    are rigid, so a smooth average of many order statistics is a linear spectral
+    statistic with O(1/M) fluctuations. (Measured bias and spread:
+    ``experiments/results/engine_design_notes.md``.)
 
     Zeros and degenerate inputs
     ---------------------------
@@ -493,8 +476,7 @@ def fit_mp(
     lambda_plus >= mu. The fitted sigma^2 adds noise: a relative error d moves
     lambda_plus by d * lambda_plus / s ~ d * M^(2/3) TW units, which widens the spread of
     z = (lambda_max - lambda_plus_fit) / s_fit at small M. See :data:`DEFAULT_TW_MARGIN`
-    for the measured false-spike rates behind the default 4 (<= 0.2 % for M >= 50,
-    0 in 2,280 Gaussian matrices with M >= 256). Above the BBP threshold
+    for why the default is 4. Above the BBP threshold
     (Baik, Ben Arous & Peche 2005; normalized signal strength > sigma Q^(-1/4)) a rank-k
     signal pulls k eigenvalues out of the bulk; below it the signal is invisible.
 

@@ -153,7 +153,7 @@ def fit_power_law(
     (s = 256, 64, 16, 4) and drops candidates whose lower bound exceeds the best upper
     bound or a probed exact D; only the survivors get an exact D. Dropped candidates
     provably lose, so the answer (ties included) is that of the exhaustive scan.
-    Memory is O(n + max_chunk_elements); n = 50,000 takes well under a second.
+    Memory is O(n + max_chunk_elements) (timings: experiments/results/engine_design_notes.md).
 
     Args:
         evals: 1-D eigenvalues (numpy array, torch tensor of any float dtype, or sequence),
@@ -378,7 +378,7 @@ def _ks_bounds(
 
     For candidate k and point j > k, ``F = 1 - exp(slope * (ln u_j - ln u_k))`` (equal
     to the reference's ``1 - (u_j / u_k)^slope`` up to rounding; ``-expm1`` would be
-    more accurate next to u_k, but D is an absolute difference and expm1 costs 1.6x) and
+    more accurate next to u_k, but D is an absolute difference and expm1 is slower) and
     ``E = (less_j - less_k) / n``; points j <= k are clamped to F = E = 0, which is the
     value at j = k itself, so every candidate can share one set of columns.
 

@@ -7,8 +7,8 @@ zeros of W W^T are never produced here.
 
 Two numerical routes give the same lambda_i:
 
-* ``"gram"``: form the M x M Gram matrix W^T W and call ``torch.linalg.eigvalsh``.
-  4-10x faster than an SVD (HTSR.md section 4). In float64 the error on every
+* ``"gram"``: form the M x M Gram matrix W^T W and call ``torch.linalg.eigvalsh``,
+  several times faster than an SVD (HTSR.md section 4). In float64 the error on every
   eigenvalue is about eps64 * lambda_max ~ 1e-16 lambda_max, far below anything a
   power-law fit or a norm metric can see.
 * ``"svd"``: ``torch.linalg.svdvals`` and square. Forming the Gram matrix squares the
@@ -28,14 +28,13 @@ Two backends carry out the Gram route:
   syrk) and its eigenvalues taken by ``torch.linalg.eigvalsh`` on that array (no copy).
   With T = ``torch.get_num_threads()`` above 1, T Python threads take whole matrices,
   largest first, each with single-threaded kernels: a model's many small eigenproblems
-  (a 384 x 384 ``eigvalsh`` takes ~10 ms, mostly memory-bound BLAS-2 work) scale far
-  better across matrices than inside one. Every kernel on this path releases the GIL
-  (LAPACK through scipy does not, so it is not used: a monitor's worker thread must
-  never hold the training thread's interpreter for milliseconds). Measured on the
-  2-core CPU this project is benchmarked on, all-MiniLM-L6-v2's 39 matrices: the Gram
-  matrices take 0.40 s with torch versus 0.2 s, the float32 -> float64 casts 0.17 s versus
-  0.02 s (torch allocates and faults in a fresh buffer for each). Results agree with the
-  torch backend to rounding (1e-15 relative). The BLAS pool is capped at the caller's
+  (mostly memory-bound BLAS-2 work) scale far better across matrices than inside one.
+  Every kernel on this path releases the GIL (LAPACK through scipy does not, so it is
+  not used: a monitor's worker thread must never hold the training thread's
+  interpreter for milliseconds). numpy's casts also avoid the fresh buffer torch
+  allocates and faults in for each cast. Results agree with the torch backend to
+  rounding (1e-15 relative); timings against the torch backend are in
+  ``experiments/results/engine_design_notes.md``. The BLAS pool is capped at the caller's
   torch thread count while it runs (``esdwatch.engine.threads``, through ``threadpoolctl``), so
   a monitor's worker thread capped at one thread stays at one thread; without
   ``threadpoolctl`` installed, ``"auto"`` keeps torch.

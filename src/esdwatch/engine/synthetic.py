@@ -67,6 +67,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from esdwatch.engine.mp import tracy_widom_scale
+from esdwatch.schema import Phase
+
 __all__ = [
     "random_like",
     "bleeding_out",
@@ -86,17 +89,19 @@ __all__ = [
 # ----------------------------------------------------------------------------- helpers
 
 
-def _rng(seed: int | np.random.Generator) -> np.random.Generator:
-    if isinstance(seed, np.random.Generator):
-        return seed
-    return np.random.default_rng(seed)
-
-
 def _oriented_shape(N: int, M: int) -> tuple[int, int, bool]:
     N, M = int(N), int(M)
     if N < 1 or M < 1:
         raise ValueError(f"N and M must be positive, got {N}, {M}")
     return (N, M, False) if N >= M else (M, N, True)
+
+
+def _start(N: int, M: int, seed: int | np.random.Generator) -> tuple[int, int, bool, np.random.Generator]:
+    """What every generator starts from: the oriented (N, M) with N >= M, whether the
+    result must be transposed back (:func:`_finish`), and the numpy generator of ``seed``."""
+    N, M, transpose = _oriented_shape(N, M)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    return N, M, transpose, rng
 
 
 def _finish(X: np.ndarray, transpose: bool, sigma: float, dtype: torch.dtype) -> torch.Tensor:
@@ -149,11 +154,9 @@ def theta_for_rel(rel: float, N: int, M: int) -> float:
 
 
 def _tw_rel(N: int, M: int) -> float:
-    """One Tracy-Widom scale of lambda_max relative to lambda_plus (Johnstone 2001)."""
-    n, m = N - 0.5, M - 0.5
-    s = (math.sqrt(n) + math.sqrt(m)) * (1 / math.sqrt(n) + 1 / math.sqrt(m)) ** (1 / 3)
+    """One Tracy-Widom scale of lambda_max relative to lambda_plus (Johnstone 2001), sigma = 1."""
     lam_plus = N * (1 + math.sqrt(M / N)) ** 2
-    return s / lam_plus
+    return tracy_widom_scale(N, M)[1] / lam_plus
 
 
 #: Bleeding-out window: outliers at least this many TW scales above the edge ...
@@ -207,8 +210,7 @@ def random_like(
     ``dist``: ``"gaussian"``, ``"uniform"`` (like PyTorch's default Kaiming-uniform
     init) or ``"rademacher"``; ``None`` draws one of them from the seed.
     """
-    N, M, tr = _oriented_shape(N, M)
-    rng = _rng(seed)
+    N, M, tr, rng = _start(N, M, seed)
     if dist is None:
         dist = ("gaussian", "uniform", "rademacher")[int(rng.integers(3))]
     if dist == "gaussian":
@@ -220,6 +222,45 @@ def random_like(
     else:
         raise ValueError(f"dist must be 'gaussian', 'uniform' or 'rademacher', got {dist!r}")
     return _finish(X, tr, sigma, dtype)
+
+
+def _spiked_phase(
+    N: int,
+    M: int,
+    seed: int | np.random.Generator,
+    sigma: float,
+    rank: int | None,
+    rel: float | np.ndarray | None,
+    dtype: torch.dtype,
+    *,
+    draw_rank: Callable[[np.random.Generator, int], int],
+    draw_rels: Callable[[np.random.Generator, int, int, int], np.ndarray],
+) -> torch.Tensor:
+    """The spiked generators: Gaussian noise plus ``rank`` signals with outliers at ``rel``.
+
+    ``draw_rank(rng, M)`` and ``draw_rels(rng, N, M, rank)`` supply what was not given
+    (drawn in that order, N >= M); a given ``rel`` is broadcast to every signal.
+    """
+    N, M, tr, rng = _start(N, M, seed)
+    if rank is None:
+        rank = draw_rank(rng, M)
+    if rel is None:
+        rels = draw_rels(rng, N, M, rank)
+    else:
+        rels = np.broadcast_to(np.asarray(rel, dtype=float), (rank,))
+    return _finish(_spiked(N, M, rng, rels), tr, sigma, dtype)
+
+
+def _bleeding_rels(rng: np.random.Generator, N: int, M: int, rank: int) -> np.ndarray:
+    """``rank`` outlier positions drawn uniformly in :func:`bleeding_window` (raises if empty)."""
+    lo, hi = bleeding_window(N, M)
+    if lo >= hi:
+        raise ValueError(
+            f"Bleeding-out is not distinguishable at N={N}, M={M}: the edge's Tracy-Widom "
+            f"fluctuations ({lo / BLEED_MIN_TW:.3f} of lambda_plus) leave no window below "
+            f"rel={hi}; pass rel= explicitly or use a larger matrix"
+        )
+    return rng.uniform(lo, hi, size=rank)
 
 
 def bleeding_out(
@@ -238,22 +279,11 @@ def bleeding_out(
     :func:`bleeding_window`); raises ValueError when that window is empty for this
     shape and no ``rel`` is given.
     """
-    N, M, tr = _oriented_shape(N, M)
-    rng = _rng(seed)
-    if rank is None:
-        rank = int(rng.integers(1, 4))
-    if rel is None:
-        lo, hi = bleeding_window(N, M)
-        if lo >= hi:
-            raise ValueError(
-                f"Bleeding-out is not distinguishable at N={N}, M={M}: the edge's Tracy-Widom "
-                f"fluctuations ({lo / BLEED_MIN_TW:.3f} of lambda_plus) leave no window below "
-                f"rel={hi}; pass rel= explicitly or use a larger matrix"
-            )
-        rels = rng.uniform(lo, hi, size=rank)
-    else:
-        rels = np.broadcast_to(np.asarray(rel, dtype=float), (rank,))
-    return _finish(_spiked(N, M, rng, rels), tr, sigma, dtype)
+    return _spiked_phase(
+        N, M, seed, sigma, rank, rel, dtype,
+        draw_rank=lambda rng, M: int(rng.integers(1, 4)),
+        draw_rels=_bleeding_rels,
+    )
 
 
 def bulk_plus_spikes(
@@ -271,15 +301,11 @@ def bulk_plus_spikes(
     ``rank`` defaults to 1..max(1, min(5, M // 40)) and each outlier's ``rel`` to a
     log-uniform draw in [1, 10] (lambda_out between 2 and 11 lambda_plus).
     """
-    N, M, tr = _oriented_shape(N, M)
-    rng = _rng(seed)
-    if rank is None:
-        rank = int(rng.integers(1, max(1, min(5, M // 40)) + 1))
-    if rel is None:
-        rels = np.exp(rng.uniform(math.log(1.0), math.log(10.0), size=rank))
-    else:
-        rels = np.broadcast_to(np.asarray(rel, dtype=float), (rank,))
-    return _finish(_spiked(N, M, rng, rels), tr, sigma, dtype)
+    return _spiked_phase(
+        N, M, seed, sigma, rank, rel, dtype,
+        draw_rank=lambda rng, M: int(rng.integers(1, max(1, min(5, M // 40)) + 1)),
+        draw_rels=lambda rng, N, M, rank: np.exp(rng.uniform(math.log(1.0), math.log(10.0), size=rank)),
+    )
 
 
 def bulk_decay(
@@ -305,8 +331,7 @@ def bulk_decay(
     ``top_rel <= 6`` keeps lambda_max < 7 lambda_plus (not lambda_max >> lambda_plus,
     which is Heavy-Tailed); ``num_out >= 16`` puts several outliers in the near-edge zone even for small M.
     """
-    N, M, tr = _oriented_shape(N, M)
-    rng = _rng(seed)
+    N, M, tr, rng = _start(N, M, seed)
     if top_rel is None:
         top_rel = float(np.exp(rng.uniform(math.log(2.0), math.log(6.0))))
     if num_out is None:
@@ -342,8 +367,7 @@ def heavy_tailed(
     ``|x| = U^(-1/mu)`` with U uniform on (0, 1], random signs; ``mu`` defaults to a
     uniform draw in [1.0, 2.0]. For mu < 4 the ESD has no MP edge (HTSR.md section 3).
     """
-    N, M, tr = _oriented_shape(N, M)
-    rng = _rng(seed)
+    N, M, tr, rng = _start(N, M, seed)
     if mu is None:
         mu = float(rng.uniform(1.0, 2.0))
     if not mu > 0:
@@ -373,8 +397,7 @@ def rank_collapse(
     Gaussian matrix whose ``dead_fraction`` (default uniform in [0.5, 0.9]) of the M
     input units (columns) are all zero. ``None`` draws one of the two from the seed.
     """
-    N, M, tr = _oriented_shape(N, M)
-    rng = _rng(seed)
+    N, M, tr, rng = _start(N, M, seed)
     if mode is None:
         mode = ("low_rank", "dead_units")[int(rng.integers(2))]
     if mode == "low_rank":
@@ -395,28 +418,31 @@ def rank_collapse(
     return _finish(X, tr, sigma, dtype)
 
 
-#: Phase value (the paper's name) -> generator.
+#: Phase value (the paper's name, :data:`esdwatch.schema.PHASES`) -> generator.
 GENERATORS: dict[str, Callable[..., torch.Tensor]] = {
-    "Random-like": random_like,
-    "Bleeding-out": bleeding_out,
-    "Bulk+Spikes": bulk_plus_spikes,
-    "Bulk-decay": bulk_decay,
-    "Heavy-Tailed": heavy_tailed,
-    "Rank-collapse": rank_collapse,
+    Phase.RANDOM_LIKE.value: random_like,
+    Phase.BLEEDING_OUT.value: bleeding_out,
+    Phase.BULK_PLUS_SPIKES.value: bulk_plus_spikes,
+    Phase.BULK_DECAY.value: bulk_decay,
+    Phase.HEAVY_TAILED.value: heavy_tailed,
+    Phase.RANK_COLLAPSE.value: rank_collapse,
 }
 
 
 def make_phase_matrix(phase: Any, N: int, M: int, seed: int = 0, sigma: float = 1.0, **kwargs: Any) -> torch.Tensor:
-    """A seeded N x M matrix of ``phase`` (a :class:`~esdwatch.engine.phases.Phase` or its name).
+    """A seeded N x M matrix of ``phase``: a :class:`~esdwatch.schema.Phase`, its value
+    (``"Bulk+Spikes"``) or its name (``"BULK_PLUS_SPIKES"``), in any case.
 
     Parameters not given in ``kwargs`` are drawn from the unambiguous ranges of the
     module docstring.
     """
+    generator = None
     name = getattr(phase, "value", phase)
     if isinstance(name, str):
-        key = {k.lower(): k for k in GENERATORS}.get(name.lower())
-        if key is None:  # allow enum-style names, e.g. "BULK_PLUS_SPIKES"
-            key = {k.upper().replace("-", "_").replace("+", "_PLUS_"): k for k in GENERATORS}.get(name.upper())
-        if key is not None:
-            return GENERATORS[key](N, M, seed, sigma, **kwargs)
-    raise ValueError(f"no generator for phase {phase!r}; known: {sorted(GENERATORS)}")
+        try:
+            generator = GENERATORS.get(Phase.parse(name).value)
+        except ValueError:
+            pass
+    if generator is None:
+        raise ValueError(f"no generator for phase {phase!r}; known: {sorted(GENERATORS)}")
+    return generator(N, M, seed, sigma, **kwargs)

@@ -10,7 +10,8 @@ Python threads:
   LAPACK on x86) follows that variable until a global MKL count is set
   (``MKL_NUM_THREADS``, or ``torch.set_num_threads``, which calls ``mkl_set_num_threads``);
   then only MKL's own thread-local count (``mkl_set_num_threads_local``) caps it: without
-  it two 1-thread workers each ran MKL's ``syevd`` on 2 threads and gained nothing.
+  it a 1-thread worker's MKL ``syevd`` still runs on the global count
+  (experiments/results/engine_design_notes.md).
 * BLAS of numpy/scipy (OpenBLAS): one process-wide pool, capped for the duration of a
   call through ``threadpoolctl`` when it is installed.
 """
@@ -21,7 +22,10 @@ import contextlib
 import ctypes
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -66,11 +70,9 @@ def openmp_runtimes() -> list[Any]:
 def _mkl_set_local() -> Any:
     """MKL's ``mkl_set_num_threads_local_`` (Fortran binding: int by reference), or None."""
     try:
-        import torch
-
         lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
         return lib.mkl_set_num_threads_local_
-    except (OSError, AttributeError, ImportError):
+    except (OSError, AttributeError):
         return None
 
 
@@ -79,8 +81,6 @@ def limit_openmp_threads(threads: int) -> bool:
 
     Thread-local (see module docstring); returns False if no OpenMP runtime was found.
     """
-    import torch
-
     # torch sets up each thread's pool lazily, at its first parallel kernel, and then
     # re-applies the process-wide count of torch.set_num_threads (OpenMP and MKL): a cap
     # set before that would be silently undone. get_num_threads() runs that set-up now.
@@ -147,8 +147,6 @@ def parallel_map(
     at that count. An exception from ``fn`` is raised at its item; items not started
     by then are cancelled.
     """
-    import torch
-
     n_threads = torch.get_num_threads() if threads is None else int(threads)
     if n_threads <= 1 or len(items) <= 1:
         for i, item in enumerate(items):
@@ -156,8 +154,6 @@ def parallel_map(
                 result = fn(item)
             yield i, result  # outside the cap: the caller's work between items runs uncapped
         return
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
     order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
     with limit_blas_threads(1), ThreadPoolExecutor(
         max_workers=min(n_threads, len(items)), initializer=limit_openmp_threads, initargs=(1,)

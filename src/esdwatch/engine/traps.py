@@ -42,13 +42,16 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from esdwatch.engine.mp import DEFAULT_TW_MARGIN, fit_mp
 from esdwatch.engine.spectrum import batch_eigenvalues
+
+if TYPE_CHECKING:
+    from esdwatch.engine.layers import LayerMatrix
 
 __all__ = [
     "TrapEntry",
@@ -59,6 +62,7 @@ __all__ = [
     "trap_fields_from_evals",
     "correlation_traps",
     "trap_fields",
+    "clear_permutation_cache",
     "DEFAULT_TOP_K",
 ]
 
@@ -133,7 +137,7 @@ def format_entries(entries: Sequence[TrapEntry]) -> str:
 
 #: Permutation indices kept per (size, seed, device): a monitor randomizes the same
 #: shapes at every snapshot and a model repeats shapes across layers, while drawing a
-#: uniform permutation is cache-miss bound (~1 s for 12M entries on one CPU core).
+#: uniform permutation is cache-miss bound (figures: experiments/results/engine_design_notes.md).
 #: Bounded by the total number of int32 indices held (64M: 256 MB at most).
 _PERM_CACHE: "OrderedDict[tuple[int, int, str], torch.Tensor]" = OrderedDict()
 _PERM_CACHE_MAX_ENTRIES = 64 * 2**20
@@ -149,7 +153,7 @@ def _permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:
             _PERM_CACHE.move_to_end(key)
             return perm
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    # drawn directly as int32 (a quarter faster than int64 then a cast; half the memory)
+    # drawn directly as int32 (faster than int64 then a cast; half the memory)
     dtype = torch.int32 if n < 2**31 else torch.int64
     perm = torch.randperm(n, generator=gen, dtype=dtype).to(device=device)
     if n <= _PERM_CACHE_MAX_ENTRIES:
@@ -158,6 +162,12 @@ def _permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:
             while sum(p.numel() for p in _PERM_CACHE.values()) > _PERM_CACHE_MAX_ENTRIES:
                 _PERM_CACHE.popitem(last=False)
     return perm
+
+
+def clear_permutation_cache() -> None:
+    """Forget every cached permutation (see ``randomize_matrix``), e.g. to time a cold trap test."""
+    with _PERM_CACHE_LOCK:
+        _PERM_CACHE.clear()
 
 
 def randomize_matrix(W: torch.Tensor, seed: int = 0, *, center: bool = True) -> torch.Tensor:
@@ -177,14 +187,14 @@ def randomize_matrix(W: torch.Tensor, seed: int = 0, *, center: bool = True) -> 
     the N * M positions, applied to every slice; each slice centered on its own mean), so
     each slice keeps its own entries. The permutation is drawn on the CPU with a seeded
     ``torch.Generator``, so it is the same on every device, and cached per size and
-    seed (see ``_PERM_CACHE``).
+    seed (:func:`clear_permutation_cache` empties that cache).
     """
     W = torch.as_tensor(W)
     if W.ndim < 2:
         raise ValueError(f"randomize_matrix needs a matrix or a stack of matrices, got shape {tuple(W.shape)}")
     per = W.shape[-2] * W.shape[-1]
     perm = _permutation(per, int(seed), W.device)
-    # index_select gathers ~4x faster than advanced indexing on the CPU
+    # index_select gathers faster than advanced indexing on the CPU
     source = W.reshape(-1, per)
     flat = torch.index_select(source, 1, perm, out=_empty(source.shape, source.dtype, source.device))
     if center and W.is_floating_point():
@@ -199,9 +209,9 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.flo
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialized tensor; on the CPU backed by numpy's allocator when numpy has the dtype.
 
-    numpy asks the kernel for transparent huge pages on large arrays, torch does not: the
-    12M-entry gather of an embedding's randomization spent a quarter of its 150 ms
-    faulting in 4 kB pages of a fresh torch buffer.
+    numpy asks the kernel for transparent huge pages on large arrays, torch does not, so
+    a large gather into a fresh torch buffer spends much of its time faulting in 4 kB
+    pages (figures: experiments/results/engine_design_notes.md).
     """
     if device.type == "cpu" and dtype in _NUMPY_DTYPES:
         return torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[dtype]))
@@ -211,8 +221,8 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 def _mean_std(values: torch.Tensor) -> tuple[float, float]:
     """Mean and (n - 1) standard deviation of a 1-D tensor, accumulated in float64.
 
-    On the CPU through numpy (a float64 sum and a float64 sum of squares: 16 ms for 12M
-    entries, where ``torch.std_mean`` took 25-75 ms).
+    On the CPU through numpy (a float64 sum and a float64 sum of squares), which is
+    faster there than ``torch.std_mean`` (experiments/results/engine_design_notes.md).
     """
     n = values.numel()
     if n < 2:
@@ -231,7 +241,7 @@ def _row_means(flat: torch.Tensor) -> torch.Tensor:
 
     float64 because a float16/float32 running sum over a large layer loses the mean; on
     the CPU through numpy, whose pairwise float64 sum of float32 data reads the weights
-    once (torch's ``sum(dtype=float64)`` was 10x slower there, casting a copy first).
+    once (torch's ``sum(dtype=float64)`` casts a copy first).
     """
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
         sums = flat.detach().numpy().sum(axis=1, dtype=np.float64, keepdims=True)
@@ -431,7 +441,7 @@ def correlation_traps(
     )
 
 
-def trap_fields(mat: Any, report: Any, config: Any) -> dict[str, Any]:
+def trap_fields(mat: LayerMatrix, report: Any, config: Any) -> dict[str, Any]:
     """Trap fields of one :class:`~esdwatch.engine.layers.LayerMatrix` for the analyzer.
 
     Uses ``report.evals`` when the report kept them; otherwise W and its randomization
@@ -455,11 +465,5 @@ def trap_fields(mat: Any, report: Any, config: Any) -> dict[str, Any]:
         rand_evals = batch_eigenvalues([R], dtype=dtype, device=device, method=method, scales=[mat.scale])[0]
     return trap_fields_from_evals(
         W, evals, rand_evals, mat.N, mat.M, tw_margin=tw_margin,
-        transpose_entries=_stored_transposed(mat),
+        transpose_entries=mat.stored_transposed,
     )
-
-
-def _stored_transposed(mat: Any) -> bool:
-    """True when a 2-D parameter is stored (M x N) and ``mat.weight`` is its transpose."""
-    src = tuple(getattr(mat, "source_shape", ()) or ())
-    return len(src) == 2 and mat.num_slices == 1 and src == (mat.M, mat.N) and mat.M != mat.N

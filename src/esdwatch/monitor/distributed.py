@@ -78,7 +78,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from esdwatch.engine.layers import LayerMatrix, _clean_name, _unwrap, find_layers
+from esdwatch.engine.layers import LayerMatrix, clean_module_name as _clean_name, find_layers, unwrap_compiled as _unwrap
 from esdwatch.schema import SkippedLayer
 
 log = logging.getLogger(__name__)
