@@ -78,7 +78,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from esdwatch.engine.layers import LayerMatrix, clean_module_name as _clean_name, find_layers, unwrap_compiled as _unwrap
+from esdwatch.engine.layers import LayerMatrix, clean_module_name, find_layers, unwrap_compiled
 from esdwatch.schema import SkippedLayer
 
 log = logging.getLogger(__name__)
@@ -383,10 +383,10 @@ def _unit_modules(model: nn.Module, root: nn.Module, units: list[nn.Module]) -> 
 
     walk(root, None)
     out: dict[int, list[str]] = {id(u): [] for u in units}
-    for raw, mod in _unwrap(model).named_modules(remove_duplicate=False):
+    for raw, mod in unwrap_compiled(model).named_modules(remove_duplicate=False):
         u = owner.get(id(mod))
         if u is not None:
-            out[u].append(_clean_name(raw))
+            out[u].append(clean_module_name(raw))
     return out
 
 

@@ -138,7 +138,7 @@ class AnalysisOptions:
         """The engine's configuration for these options."""
         return AnalysisConfig(
             dtype=_dtype(self.dtype), device=None if self.device is None else str(self.device),
-            method=self.method, xmin=self.xmin, xmax=self.xmax, fix_fingers=self.fix_fingers,  # type: ignore[arg-type]
+            method=self.method, xmin=self.xmin, xmax=self.xmax, fix_fingers=self.fix_fingers,
             mp_fit=self.mp_fit, phases=self.phases, traps=self.traps, keep_evals=keep_evals, seed=self.seed,
         )
 

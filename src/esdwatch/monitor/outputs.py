@@ -15,6 +15,7 @@ Every sink call goes through :meth:`Outputs.call`: a sink that raises is reporte
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -102,17 +103,16 @@ class Outputs:
     def write(self, records: list[LayerRecord], step: int) -> None:
         if records:
             for sink in self._all():
-                self.call(sink, "write", lambda s=sink: s.write(records, step))
+                self.call(sink, "write", functools.partial(sink.write, records, step))
 
     def alarm(self, alarm: Alarm) -> None:
         for sink in self._all():
-            self.call(sink, "alarm", lambda s=sink: s.alarm(alarm))
+            self.call(sink, "alarm", functools.partial(sink.alarm, alarm))
 
     def distributed(self, info: dict[str, Any]) -> None:
         """Which rank analysed which layer of one snapshot (``distributed.jsonl``)."""
         if self._jsonl is not None:
-            jsonl = self._jsonl
-            self.call(jsonl, "distributed", lambda: jsonl.distributed(info))
+            self.call(self._jsonl, "distributed", functools.partial(self._jsonl.distributed, info))
 
     def close(self) -> None:
         for sink in self._all():

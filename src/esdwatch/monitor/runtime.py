@@ -9,7 +9,9 @@ can read (shared memory for a process, the GPU for ``device="cuda"``).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Iterator
 
 from esdwatch.monitor.options import ExecutionOptions
 from esdwatch.monitor.snapshot import BufferPool
@@ -68,23 +70,21 @@ class AnalysisRuntime:
 
     def wait(self, timeout: float) -> list[Result]:
         """Results that arrive within ``timeout`` seconds (counted as time the training waited)."""
-        if self.executor is None:
-            return []
-        t0 = time.perf_counter()
-        try:
-            return self.executor.wait(timeout)
-        finally:
-            self.stats["block_s"] += time.perf_counter() - t0  # the training thread waited
+        with self._training_waits():
+            return [] if self.executor is None else self.executor.wait(timeout)
 
     def drain(self, timeout: float | None) -> list[Result]:
         """Every in-flight result, waiting up to ``timeout`` seconds in all."""
-        if self.executor is None:
-            return []
+        with self._training_waits():
+            return [] if self.executor is None else self.executor.drain(timeout)
+
+    @contextlib.contextmanager
+    def _training_waits(self) -> Iterator[None]:
         t0 = time.perf_counter()
         try:
-            return self.executor.drain(timeout)
+            yield
         finally:
-            self.stats["block_s"] += time.perf_counter() - t0  # the training thread waited
+            self.stats["block_s"] += time.perf_counter() - t0
 
     def close(self) -> None:
         if self.executor is not None:

@@ -207,24 +207,31 @@ class BufferPool:
         bufs = self._slots[slot].buffers
         for stale in [k for k in bufs if k not in keep]:
             del bufs[stale]
+        return Snapshot(mats=out, slot=slot, events=self._fence(cuda_devices), stream=stream, nbytes=nbytes)
+
+    def _fence(self, cuda_devices: set[torch.device]) -> list[Any]:
+        """Make later training kernels wait (on the GPU) for the side-stream copies; events the worker waits on."""
         events = []
         for dev in cuda_devices:
             side = self._side_stream(dev)
-            # later training kernels (the optimizer step) wait, on the GPU, for the copies
-            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.current_stream(dev).wait_stream(side)  # the optimizer step cannot overwrite a weight first
             event = torch.cuda.Event()
             event.record(side)
             events.append(event)
-        return Snapshot(mats=out, slot=slot, events=events, stream=stream, nbytes=nbytes)
+        return events
 
 
-def take_snapshot(mats: Sequence[LayerMatrix], pool: BufferPool) -> Snapshot | None:
-    """Acquire a slot of ``pool`` and copy ``mats`` into it; None when no slot is free."""
+def take_snapshot(mats: Sequence[LayerMatrix], pool: BufferPool, private: Sequence[bool] | None = None
+                  ) -> Snapshot | None:
+    """Acquire a slot of ``pool`` and copy ``mats`` into it (see :meth:`BufferPool.copy`); None when no slot is free.
+
+    If the copy raises, the slot is released before the exception propagates.
+    """
     slot = pool.acquire()
     if slot is None:
         return None
     try:
-        return pool.copy(slot, mats)
+        return pool.copy(slot, mats, private)
     except BaseException:
         pool.release(slot)
         raise

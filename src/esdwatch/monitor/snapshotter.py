@@ -23,7 +23,7 @@ import torch
 from esdwatch.engine.analyzer import AnalysisConfig
 from esdwatch.monitor.distributed import ShardPlan, plan_snapshot
 from esdwatch.monitor.faults import Faults
-from esdwatch.monitor.snapshot import BufferPool
+from esdwatch.monitor.snapshot import BufferPool, take_snapshot
 from esdwatch.monitor.worker import Executor, Job
 
 log = logging.getLogger("esdwatch.monitor")
@@ -87,21 +87,16 @@ class Snapshotter:
         owned = [m for _, m in plan.owned]
         if not owned:
             return Taken(Outcome.NOTHING_OWNED, plan, time.perf_counter() - t0)
-        slot = pool.acquire()
-        if slot is None:  # the caller checked: cannot happen
-            return Taken(Outcome.COPY_FAILED, plan, time.perf_counter() - t0, error="no free snapshot slot")
         try:
-            snap = pool.copy(slot, owned, plan.private)
+            snap = take_snapshot(owned, pool, plan.private)
         except Exception as exc:  # e.g. out of (pinned) memory: skip this snapshot
-            pool.release(slot)
             self.faults.internal_error("copying the weights", step, exc)
             return Taken(Outcome.COPY_FAILED, plan, time.perf_counter() - t0,
                          error=f"copying the weights failed: {exc}")
-        except BaseException:
-            pool.release(slot)
-            raise
+        if snap is None:  # the caller checked that a slot is free: cannot happen
+            return Taken(Outcome.COPY_FAILED, plan, time.perf_counter() - t0, error="no free snapshot slot")
         executor.submit(Job(seq=seq, step=step, epoch=epoch, wall_time=time.time(), mats=snap.mats,
-                            config=self.config, slot=slot, snapshot=snap))
+                            config=self.config, slot=snap.slot, snapshot=snap))
         return Taken(Outcome.SUBMITTED, plan, time.perf_counter() - t0, snap.nbytes)
 
     def _note_mode(self, plan: ShardPlan) -> None:
