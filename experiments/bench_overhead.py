@@ -69,7 +69,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from esdwatch.engine.analyzer import analyze_layers  # noqa: E402
 from esdwatch.engine.layers import find_layers  # noqa: E402
 from esdwatch.monitor import Monitor  # noqa: E402
-from esdwatch.sinks.jsonl import read_records  # noqa: E402
+from esdwatch.rundir import read_records  # noqa: E402
 
 warnings.filterwarnings("ignore")
 RESULTS = ROOT / "experiments" / "results" / "bench_overhead.md"

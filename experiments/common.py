@@ -2,7 +2,7 @@
 
 Every experiment trains with :class:`esdwatch.lightning.ESDMonitor` attached and takes
 its spectral numbers from the monitor's output: ``records.jsonl`` read back with
-:func:`esdwatch.sinks.jsonl.read_records`, and the eigenvalues the monitor hands to its
+:func:`esdwatch.rundir.read_records`, and the eigenvalues the monitor hands to its
 sinks when ``keep_evals=True`` (captured by :class:`EvalsSink`, a plain esdwatch sink).
 Nothing here computes a spectral metric of its own.
 
@@ -47,7 +47,7 @@ from esdwatch.lightning import ESDMonitor  # noqa: E402
 from esdwatch.engine.phases import Phase  # noqa: E402
 from esdwatch.schema import LayerRecord  # noqa: E402
 from esdwatch.schema import summarize  # noqa: E402
-from esdwatch.sinks.jsonl import read_alarms, read_records  # noqa: E402
+from esdwatch.rundir import read_alarms, read_records  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

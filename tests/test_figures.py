@@ -1,4 +1,4 @@
-"""Figures (esdwatch.reporting.figures) and the shared sink helpers they draw from.
+"""Figures (esdwatch.reporting.figures) and the schema helpers they draw from (histogram, phase ordinals).
 
 Real matplotlib (Agg canvas), real analyses of synthetic matrices of known phase; the
 assertions read the drawn artists and rendered pixels back.
@@ -18,7 +18,8 @@ from esdwatch.reporting import figures as F
 from esdwatch import analyze_matrix
 from esdwatch.engine.phases import Phase
 from esdwatch.schema import LayerRecord
-from esdwatch.sinks.metrics_logger import PHASES, layer_order, log10_histogram, phase_name, phase_ordinal
+from esdwatch.reporting.figures import layer_order
+from esdwatch.schema import PHASES, log10_histogram, phase_name, phase_ordinal
 from esdwatch.engine.synthetic import make_phase_matrix
 
 

@@ -24,7 +24,7 @@ from esdwatch.reporting.figures import PHASE_COLORS
 from esdwatch.reporting.html import build_report
 from esdwatch.schema import LayerRecord
 from esdwatch.sinks.jsonl import JsonlSink, read_records
-from esdwatch.sinks.metrics_logger import phase_name
+from esdwatch.schema import phase_name
 from esdwatch.sinks.spectra import SpectraSink, read_spectra
 from esdwatch.engine.synthetic import make_phase_matrix
 

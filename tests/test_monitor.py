@@ -342,7 +342,7 @@ def _run_plain(model, mon, steps):
 
 
 def test_keep_evals_writes_the_spectra_next_to_the_records_without_a_sink_argument(tmp_path):
-    from esdwatch.sinks.metrics_logger import log10_histogram
+    from esdwatch.schema import log10_histogram
     from esdwatch.sinks.spectra import SpectraSink, read_spectra
 
     keep = _Keep()

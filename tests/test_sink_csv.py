@@ -18,7 +18,7 @@ from esdwatch.alarms import AlarmRule
 from esdwatch.engine.phases import Phase
 from esdwatch.schema import SUMMARY_METRICS
 from esdwatch.sinks import MetricsLoggerSink, read_alarms, read_records, sinks_for_loggers
-from esdwatch.sinks.metrics_logger import COUNT_METRICS, SCALAR_METRICS
+from esdwatch.sinks.tags import COUNT_METRICS, SCALAR_METRICS
 
 
 def _fit_csv(root):

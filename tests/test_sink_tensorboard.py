@@ -18,7 +18,7 @@ from esdwatch.engine.phases import Phase
 from esdwatch.schema import LayerRecord
 from esdwatch.schema import SUMMARY_METRICS
 from esdwatch.sinks import TensorBoardSink, read_records, sinks_for_loggers
-from esdwatch.sinks.metrics_logger import COUNT_METRICS, SCALAR_METRICS
+from esdwatch.sinks.tags import COUNT_METRICS, SCALAR_METRICS
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

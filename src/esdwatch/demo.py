@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from esdwatch.integrations.lightning import callback_class
-    from esdwatch.sinks.jsonl import read_alarms, read_records
+    from esdwatch.rundir import read_alarms, read_records
 
     torch.manual_seed(args.seed)
     if args.threads:

@@ -5,10 +5,12 @@ One schema flows from the engine through the monitor's worker to every sink:
 * :class:`LayerReport`: the spectral metrics of one weight matrix (the engine's output);
 * :class:`LayerRecord`: one LayerReport at one training step (a line of ``records.jsonl``);
 * :class:`Alarm`: one layer crossing one threshold (a line of ``alarms.jsonl``);
-* :class:`SkippedLayer`: a matrix that was found but not analysed, and why.
+* :class:`SkippedLayer`: a matrix that was found but not analysed, and why;
+* :class:`Log10Histogram`: one layer's ESD as a histogram of log10 eigenvalues (the
+  rest of a line of ``spectra.jsonl``), made by :func:`log10_histogram`.
 
 and the one vocabulary of each concept: layer statuses (``STATUS_*``), the 5+1 phases
-of training (:class:`Phase`, :data:`PHASES`, :func:`phase_name`), the alarm kinds
+of training (:class:`Phase`, :data:`PHASES`, :func:`phase_name`, :func:`phase_ordinal`), the alarm kinds
 (:data:`ALARM_KINDS`) and the model-level summary metrics (:data:`SUMMARY_METRICS`,
 :func:`summarize`).
 
@@ -299,6 +301,15 @@ def phase_name(phase: Any) -> str:
     return UNKNOWN_PHASE if p is None else p.value
 
 
+def phase_ordinal(phase: Any) -> int | None:
+    """:attr:`Phase.order` of a value (0 Random-like ... 5 Rank-collapse), None when it is not one of the 5+1.
+
+    How dashboards plot a phase as a number and the phase map colours its cells.
+    """
+    p = phase_or_none(phase)
+    return None if p is None else p.order
+
+
 # ---------------------------------------------------------------- records
 
 #: Keys that identify a record in time, in front of the LayerReport fields.
@@ -338,6 +349,89 @@ class LayerRecord:
             segment=int(data.get("segment", 0)),
             report=LayerReport.from_dict(data),
         )
+
+
+# ---------------------------------------------------------------- spectra
+
+
+@dataclass(frozen=True)
+class Log10Histogram:
+    """A layer's ESD as esdwatch stores and draws it: a histogram of log10 eigenvalues.
+
+    It lives in the schema because every layer above shares it: the TensorBoard and W&B
+    sinks log it, :mod:`esdwatch.rundir` reads it back from ``spectra.jsonl`` (a line is
+    ``global_step``, ``name``, ``segment`` and :meth:`to_dict`), and the figures draw it,
+    from live eigenvalues or from that file alike. It needs numpy only.
+
+    ``bins`` equal-width bins over [lo, hi]; ``counts`` sums to ``num`` (every
+    eigenvalue); eigenvalues at or below ``floor = lambda_max * floor_rel`` (zeros,
+    round-off negatives) are counted in the first bin at log10(floor), so a rank
+    collapse shows as a spike on the left. ``sum`` and ``sum_squares`` are of the log10
+    values (TensorBoard's proto wants them).
+    """
+
+    lo: float
+    hi: float
+    counts: np.ndarray
+    num: int
+    num_floor: int
+    sum: float
+    sum_squares: float
+    vmin: float
+    vmax: float
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(self.lo, self.hi, self.counts.size + 1)
+
+    @property
+    def bins(self) -> int:
+        return int(self.counts.size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lo": float(self.lo),
+            "hi": float(self.hi),
+            "counts": [int(c) for c in self.counts],
+            "num": int(self.num),
+            "num_floor": int(self.num_floor),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Log10Histogram":
+        counts = np.asarray(data["counts"], dtype=np.int64)
+        lo, hi = float(data["lo"]), float(data["hi"])
+        centers = np.linspace(lo, hi, counts.size + 1)
+        centers = 0.5 * (centers[:-1] + centers[1:])
+        return cls(
+            lo=lo, hi=hi, counts=counts, num=int(data.get("num", counts.sum())),
+            num_floor=int(data.get("num_floor", 0)),
+            sum=float((counts * centers).sum()), sum_squares=float((counts * centers**2).sum()),
+            vmin=lo, vmax=hi,
+        )
+
+
+def log10_histogram(evals: Any, bins: int = 64, floor_rel: float = 1e-12) -> Log10Histogram | None:
+    """Histogram of log10 of the eigenvalues ``evals`` (None if there is nothing to draw)."""
+    ev = np.asarray(evals, dtype=np.float64).ravel()
+    ev = ev[np.isfinite(ev)]
+    if ev.size == 0:
+        return None
+    lam_max = float(ev.max())
+    if not lam_max > 0.0:
+        return None
+    bins = max(1, int(bins))
+    floor = lam_max * float(floor_rel)
+    num_floor = int(np.count_nonzero(ev <= floor))
+    x = np.log10(np.maximum(ev, floor))
+    lo, hi = float(x.min()), float(x.max())
+    if hi - lo < 1e-9:  # all equal: a narrow bin around the value
+        lo, hi = lo - 0.05, hi + 0.05
+    counts, _ = np.histogram(x, bins=bins, range=(lo, hi))
+    return Log10Histogram(
+        lo=lo, hi=hi, counts=counts.astype(np.int64), num=int(ev.size), num_floor=num_floor,
+        sum=float(x.sum()), sum_squares=float(np.dot(x, x)), vmin=float(x.min()), vmax=float(x.max()),
+    )
 
 
 # ---------------------------------------------------------------- alarms

@@ -10,7 +10,8 @@ the user's own ``matplotlib.use(...)`` choice is left alone. Needs the ``plot`` 
   over ``[x_min, lambda_max]``, titled with the layer's phase and alpha.
 * :func:`phase_map_figure`: layers (rows, model order) by snapshots (columns), each cell
   colored by the layer's phase at that snapshot, with a legend.
-* :func:`trajectory_figure`: one metric per layer over global steps.
+* :func:`trajectory_figure`: one metric per layer over global steps;
+* :func:`layer_order`: the rows and lines of these figures, and the report's layer order.
 * :func:`figure_to_rgb` / :func:`save_png`: render to an RGB array / a PNG file.
 """
 
@@ -21,13 +22,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from esdwatch.schema import LayerRecord
-from esdwatch.schema import LayerReport
-from esdwatch.sinks.metrics_logger import (
+from esdwatch.schema import (
     PHASES,
     UNKNOWN_PHASE,
+    LayerRecord,
+    LayerReport,
     Log10Histogram,
-    layer_order,
     log10_histogram,
     phase_name,
     phase_ordinal,
@@ -41,6 +41,7 @@ __all__ = [
     "esd_pair_figure",
     "mp_bulk",
     "phase_grid",
+    "layer_order",
     "phase_map_figure",
     "trajectory_figure",
     "figure_to_rgb",
@@ -116,7 +117,7 @@ _SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u207
 
 
 def _pow10_label(value: float, _pos: Any = None) -> str:
-    """``10³``-style tick labels in plain Unicode (mathtext labels cost ~10 ms each to lay out)."""
+    """``10³``-style tick labels in plain Unicode (mathtext labels are slow to lay out)."""
     if not value > 0:
         return ""
     e = math.log10(value)
@@ -250,7 +251,7 @@ def esd_figure(
     """One layer's ESD on log-log axes with its MP and power-law fits.
 
     The eigenvalues come from ``evals``, else ``report.evals``; a precomputed
-    :class:`~esdwatch.sinks.metrics_logger.Log10Histogram` (``hist``, e.g. read back
+    :class:`~esdwatch.schema.Log10Histogram` (``hist``, e.g. read back
     from ``spectra.jsonl``) may stand in for them. The empirical density is drawn on
     log-spaced bins (counts / (n * bin width), unnormalized eigenvalues lambda = nu^2).
     The MP density of the bulk is ``mp_pdf(lambda / N, sigma^2, Q) / N``; the power-law
@@ -291,6 +292,29 @@ def esd_pair_figure(
 
 
 # ------------------------------------------------------------------- phase map
+
+
+def layer_order(snapshots: Iterable[Sequence[str]]) -> list[str]:
+    """Layer names in model order over several snapshots (each given in model order).
+
+    A layer that appears later is placed right after the layer that preceded it in the
+    snapshot where it first appeared, so added layers slot in where they belong.
+    """
+    order: list[str] = []
+    seen: set[str] = set()
+    for names in snapshots:
+        prev: str | None = None
+        for name in names:
+            if name not in seen:
+                pos = order.index(prev) + 1 if prev is not None else 0
+                if prev is None and order:
+                    # first layer of this snapshot is new: before the first known layer of it
+                    nxt = next((n for n in names if n in seen), None)
+                    pos = order.index(nxt) if nxt is not None else len(order)
+                order.insert(pos, name)
+                seen.add(name)
+            prev = name
+    return order
 
 
 def _snapshots(records: Iterable[LayerRecord]) -> list[tuple[int, list[LayerRecord]]]:

@@ -1,7 +1,7 @@
 """``esdwatch report LOG_DIR``: a static HTML page of a run's records, with PNG figures.
 
 Reads ``records.jsonl`` (and ``alarms.jsonl``, and ``spectra.jsonl`` when the run wrote
-one) with the readers of :mod:`esdwatch.sinks.jsonl`, so a run that is still training
+one) with the readers of :mod:`esdwatch.rundir`, so a run that is still training
 (a half-written last line) or was interrupted and resumed (superseded run segments)
 reads exactly as the monitor's own history. Writes into ``--output`` (default
 ``<records dir>/report/``):
@@ -17,7 +17,7 @@ reads exactly as the monitor's own history. Writes into ``--output`` (default
 Every file is written to a temporary name and renamed into place, so the report can be
 regenerated while a browser shows it. The ESD panels draw the histogram of
 ``spectra.jsonl`` (written next to the records by the monitor when ``keep_evals=True``,
-:class:`esdwatch.sinks.spectra.SpectraSink`); without it they show the fitted MP and
+:class:`~esdwatch.sinks.spectra.SpectraSink`); without it they show the fitted MP and
 power-law curves only.
 """
 
@@ -34,9 +34,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from esdwatch.alarms.rules import Alarm
-from esdwatch.schema import LayerRecord
-from esdwatch.schema import SUMMARY_METRICS, summarize
+from esdwatch.rundir import (
+    ALARMS_FILE,
+    RECORDS_FILE,
+    find_file,
+    read_alarms,
+    read_records,
+    read_spectra,
+)
+from esdwatch.schema import SUMMARY_METRICS, Alarm, LayerRecord, phase_name, summarize
 
 __all__ = ["ReportError", "find_records", "build_report", "add_report_command", "REPORT_FILE"]
 
@@ -54,12 +60,10 @@ def find_records(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise ReportError(f"{p}: no such file or directory")
-    if p.is_file():
-        return p
-    for candidate in (p / "records.jsonl", p / "esdwatch" / "records.jsonl"):
-        if candidate.is_file():
-            return candidate
-    found = sorted(p.rglob("records.jsonl"))
+    here = find_file(p, RECORDS_FILE)
+    if here is not None and here.is_file():
+        return here
+    found = sorted(p.rglob(RECORDS_FILE))
     if len(found) == 1:
         return found[0]
     if not found:
@@ -142,7 +146,6 @@ img{max-width:100%;height:auto;border:1px solid #eee;margin:4px 0}
 
 def _phase_cell(phase: Any) -> str:
     from esdwatch.reporting.figures import PHASE_COLORS
-    from esdwatch.sinks.metrics_logger import phase_name
 
     name = phase_name(phase)
     return f'<span class="chip" style="background:{PHASE_COLORS.get(name, "#d9d9d9")}"></span>{_esc(name)}'
@@ -164,17 +167,20 @@ def build_report(
     this many layers (model order; None for all). Raises :class:`ReportError` when there
     are no records, ImportError when matplotlib is missing.
     """
-    from esdwatch.reporting.figures import esd_pair_figure, phase_map_figure, require_matplotlib, trajectory_figure
-    from esdwatch.sinks.jsonl import read_alarms, read_records
-    from esdwatch.sinks.metrics_logger import layer_order
-    from esdwatch.sinks.spectra import read_spectra
+    from esdwatch.reporting.figures import (
+        esd_pair_figure,
+        layer_order,
+        phase_map_figure,
+        require_matplotlib,
+        trajectory_figure,
+    )
 
     require_matplotlib()
     records_path = find_records(log_dir)
     records = read_records(records_path)
     if not records:
         raise ReportError(f"{records_path}: no records yet (the first snapshot has not been analysed)")
-    alarms: list[Alarm] = read_alarms(records_path.parent) if (records_path.parent / "alarms.jsonl").exists() else []
+    alarms: list[Alarm] = read_alarms(records_path.parent) if (records_path.parent / ALARMS_FILE).exists() else []
     spectra = read_spectra(records_path.parent)
     out = Path(output) if output is not None else records_path.parent / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,12 @@
 """Where records go: JSON lines always, plus any dashboard the user has.
 
+* :mod:`~esdwatch.sinks.jsonl`, :mod:`~esdwatch.sinks.spectra`: the run directory's
+  files (their rules and readers: :mod:`esdwatch.rundir`);
+* :mod:`~esdwatch.sinks.tensorboard`, :mod:`~esdwatch.sinks.wandb` (sharing
+  :mod:`~esdwatch.sinks.dashboard`), :mod:`~esdwatch.sinks.metrics_logger`: dashboards,
+  with the key names of :mod:`~esdwatch.sinks.tags`; :mod:`~esdwatch.sinks.factory`
+  picks one per Trainer logger.
+
 Importing this package imports neither TensorBoard, W&B nor matplotlib: the sink
 classes are loaded on first access, and each imports its package only when used.
 """

@@ -21,7 +21,7 @@ custom-scalars layout
     by tag regex so layers added later join the chart.
 ``<p>/esd/<layer>`` (histogram)
     the histogram of log10 eigenvalues computed by esdwatch
-    (:func:`~esdwatch.sinks.metrics_logger.log10_histogram`) and written with
+    (:func:`~esdwatch.schema.log10_histogram`) and written with
     ``add_histogram_raw``, so the Histograms and Distributions tabs show the ESD
     evolving; needs the eigenvalues (``keep_evals=True`` on the monitor).
 ``<p>/esd_figure/<layer>``, ``<p>/phase_map`` (images)
@@ -41,17 +41,14 @@ running ``tensorboard`` shows it at once.
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import weakref
 from typing import Any, Sequence
 
-from esdwatch.alarms.rules import Alarm
-from esdwatch.schema import LayerRecord
-from esdwatch.sinks.metrics_logger import SCALAR_METRICS, log10_histogram, phase_name, prefix_for, scalar_metrics
-
-log = logging.getLogger("esdwatch.sinks")
+from esdwatch.schema import Alarm, LayerRecord, phase_name
+from esdwatch.sinks.dashboard import DashboardSink
+from esdwatch.sinks.tags import SCALAR_METRICS, scalar_metrics
 
 __all__ = ["TensorBoardSink", "custom_scalars_layout", "layers_markdown", "TENSORBOARD_EXTRA_HINT"]
 
@@ -117,7 +114,7 @@ def _open_writer(log_dir: str):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-class TensorBoardSink:
+class TensorBoardSink(DashboardSink):
     """Writes esdwatch's records to TensorBoard (see the module docstring for the tags).
 
     Parameters
@@ -141,7 +138,7 @@ class TensorBoardSink:
         Write the custom-scalars layout (once per writer).
     """
 
-    needs_evals = True
+    backend = "TensorBoard"
 
     def __init__(
         self,
@@ -169,27 +166,11 @@ class TensorBoardSink:
                 raise TypeError(f"{type(writer).__name__} is not a SummaryWriter (no add_scalar)")
             self.writer = writer
             self._owns_writer = False
-        if int(figure_every) < 1:
-            raise ValueError(f"figure_every must be >= 1, got {figure_every}")
-        self.prefix = prefix_for(name, prefix)
-        self.summary = summary
-        self.metrics = tuple(metrics)
-        self.histograms = histograms
-        self.hist_bins = int(hist_bins)
-        self.figures = figures
-        self.figure_every = int(figure_every)
-        self.esd_figures = esd_figures
-        self.max_esd_figures = max_esd_figures
-        self.phase_map = phase_map
+        super().__init__(prefix=prefix, name=name, summary=summary, metrics=metrics, histograms=histograms,
+                         hist_bins=hist_bins, figures=figures, figure_every=figure_every, esd_figures=esd_figures,
+                         max_esd_figures=max_esd_figures, phase_map=phase_map)
         self.text = text
         self.custom_scalars = custom_scalars
-        self.snapshots = 0
-        self._last_step: int | None = None
-        self._latest: list[LayerRecord] = []
-        self._figured_step: int | None = None
-        self._phases: list[tuple[int, dict[str, str]]] = []
-        self._no_evals_warned = False
-        self._closed = False
 
     # ------------------------------------------------------------------ plumbing
 
@@ -234,27 +215,15 @@ class TensorBoardSink:
             self._write_histograms(records, step, wall)
         if self.text:
             w.add_text(f"{self.prefix}/layers", layers_markdown(records), global_step=step, walltime=wall)
-        self._phases.append((step, {r.name: r.report.phase for r in records}))
-        self._latest = list(records)
-        self._last_step = step
-        if self.figures and self.snapshots % self.figure_every == 0:
+        if self._remember(records, step) and self.figures:
             self._write_figures(step, wall)
-        self.snapshots += 1
         self._flush()
 
     def _write_histograms(self, records: Sequence[LayerRecord], step: int, wall: float | None) -> None:
         add_raw = getattr(self.writer, "add_histogram_raw", None)
         if not callable(add_raw):
             return
-        missing = 0
-        for rec in records:
-            ev = rec.report.evals
-            if ev is None:
-                missing += 1
-                continue
-            h = log10_histogram(ev, bins=self.hist_bins)
-            if h is None:
-                continue
+        for rec, h in self._spectra(records, step):
             # TensorBoard buckets are given by their right edges: an empty first bucket
             # ending at the lowest edge makes the left edge explicit.
             add_raw(
@@ -264,33 +233,13 @@ class TensorBoardSink:
                 bucket_counts=[0] + [int(c) for c in h.counts],
                 global_step=step, walltime=wall,
             )
-        if missing and not self._no_evals_warned:
-            self._no_evals_warned = True
-            log.warning("esdwatch: TensorBoard spectra need the eigenvalues: create the monitor with keep_evals=True "
-                        "(%d layers without them at step %d)", missing, step)
 
     def _write_figures(self, step: int, wall: float | None) -> None:
-        try:
-            from esdwatch.reporting import figures as F
-
-            F.require_matplotlib()
-        except ImportError as exc:
-            log.warning("esdwatch: %s; TensorBoard gets no figures", exc)
-            self.figures = False
+        images = self._images(step)
+        if images is None:
             return
-        w = self.writer
-        if self.esd_figures:
-            chosen = self._latest if self.max_esd_figures is None else self._latest[: self.max_esd_figures]
-            for rec in chosen:
-                if not rec.report.ok:
-                    continue
-                fig = F.esd_figure(rec, dpi=80)
-                w.add_image(f"{self.prefix}/esd_figure/{rec.name}", F.figure_to_rgb(fig), global_step=step,
-                            walltime=wall, dataformats="HWC")
-        if self.phase_map and self._phases:
-            fig = F.phase_map_figure(snapshots=self._phases, dpi=100)
-            w.add_image(f"{self.prefix}/phase_map", F.figure_to_rgb(fig), global_step=step, walltime=wall,
-                        dataformats="HWC")
+        for tag, rgb, _ in images:
+            self.writer.add_image(tag, rgb, global_step=step, walltime=wall, dataformats="HWC")
         self._figured_step = step
 
     def alarm(self, alarm: Alarm) -> None:

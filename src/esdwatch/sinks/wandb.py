@@ -35,9 +35,9 @@ import math
 import time
 from typing import Any, Callable, Sequence
 
-from esdwatch.alarms.rules import Alarm
-from esdwatch.schema import LayerRecord
-from esdwatch.sinks.metrics_logger import SCALAR_METRICS, log10_histogram, phase_name, prefix_for, scalar_metrics
+from esdwatch.schema import Alarm, LayerRecord, phase_name
+from esdwatch.sinks.dashboard import DashboardSink
+from esdwatch.sinks.tags import SCALAR_METRICS, scalar_metrics
 
 log = logging.getLogger("esdwatch.sinks")
 
@@ -86,7 +86,7 @@ def _cell(rec: LayerRecord, column: str) -> Any:
     return value
 
 
-class WandbSink:
+class WandbSink(DashboardSink):
     """Writes esdwatch's records to a W&B run (see the module docstring).
 
     Parameters
@@ -96,7 +96,7 @@ class WandbSink:
     prefix, name:
         Key prefix (default ``esdwatch``, or ``esdwatch/<name>``).
     summary, metrics:
-        Scalars as in :func:`~esdwatch.sinks.metrics_logger.scalar_metrics`.
+        Scalars as in :func:`~esdwatch.sinks.tags.scalar_metrics`.
     histograms, hist_bins:
         Spectra as ``wandb.Histogram`` of log10 eigenvalues on ``hist_bins`` (<= 512) bins.
     figures, figure_every, esd_figures, max_esd_figures, phase_map, table:
@@ -111,7 +111,7 @@ class WandbSink:
         Monotonic seconds for the rate limit (tests pass their own).
     """
 
-    needs_evals = True
+    backend = "W&B"
 
     def __init__(
         self,
@@ -143,22 +143,12 @@ class WandbSink:
                 raise ValueError("WandbSink needs a run: pass one, or call wandb.init() first")
         if not callable(getattr(run, "log", None)):
             raise TypeError(f"{type(run).__name__} is not a wandb run (no log method)")
-        if int(figure_every) < 1:
-            raise ValueError(f"figure_every must be >= 1, got {figure_every}")
-        hist_bins = int(hist_bins)
-        if not 1 <= hist_bins <= MAX_HIST_BINS:
-            raise ValueError(f"hist_bins must be in 1..{MAX_HIST_BINS} (W&B's histogram limit), got {hist_bins}")
+        super().__init__(prefix=prefix, name=name, summary=summary, metrics=metrics, histograms=histograms,
+                         hist_bins=hist_bins, figures=figures, figure_every=figure_every, esd_figures=esd_figures,
+                         max_esd_figures=max_esd_figures, phase_map=phase_map)
+        if not 1 <= self.hist_bins <= MAX_HIST_BINS:
+            raise ValueError(f"hist_bins must be in 1..{MAX_HIST_BINS} (W&B's histogram limit), got {self.hist_bins}")
         self.run = run
-        self.prefix = prefix_for(name, prefix)
-        self.summary = summary
-        self.metrics = tuple(metrics)
-        self.histograms = histograms
-        self.hist_bins = hist_bins
-        self.figures = figures
-        self.figure_every = int(figure_every)
-        self.esd_figures = esd_figures
-        self.max_esd_figures = max_esd_figures
-        self.phase_map = phase_map
         self.table = table
         self.alerts = alerts
         self.alert_interval_s = float(alert_interval_s)
@@ -173,12 +163,6 @@ class WandbSink:
         self.alerts_suppressed = 0
         self._last_alert: dict[tuple[str, str], float] = {}
         self._defined = False
-        self._last_step: int | None = None
-        self._latest: list[LayerRecord] = []
-        self._figured_step: int | None = None
-        self._phases: list[tuple[int, dict[str, str]]] = []
-        self._no_evals_warned = False
-        self._closed = False
 
     def _define(self) -> None:
         if self._defined:
@@ -199,30 +183,14 @@ class WandbSink:
         payload: dict[str, Any] = dict(scalar_metrics(records, self.prefix, self.metrics, self.summary))
         if self.histograms:
             payload.update(self._histograms(records, step))
-        self._phases.append((step, {r.name: r.report.phase for r in records}))
-        self._latest = list(records)
-        self._last_step = step
-        if self.snapshots % self.figure_every == 0:
+        if self._remember(records, step):
             payload.update(self._media(step))
-        self.snapshots += 1
         payload[self.step_metric] = step
         self.run.log(payload)
 
     def _histograms(self, records: Sequence[LayerRecord], step: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        missing = 0
-        for rec in records:
-            if rec.report.evals is None:
-                missing += 1
-                continue
-            h = log10_histogram(rec.report.evals, bins=self.hist_bins)
-            if h is not None:
-                out[f"{self.prefix}/esd/{rec.name}"] = self._wb.Histogram(np_histogram=(h.counts.tolist(), h.edges.tolist()))
-        if missing and not self._no_evals_warned:
-            self._no_evals_warned = True
-            log.warning("esdwatch: W&B spectra need the eigenvalues: create the monitor with keep_evals=True "
-                        "(%d layers without them at step %d)", missing, step)
-        return out
+        return {f"{self.prefix}/esd/{rec.name}": self._wb.Histogram(np_histogram=(h.counts.tolist(), h.edges.tolist()))
+                for rec, h in self._spectra(records, step)}
 
     def _media(self, step: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -230,24 +198,8 @@ class WandbSink:
             rows = [[_cell(rec, c) for c in TABLE_COLUMNS] for rec in self._latest]
             out[f"{self.prefix}/layers"] = self._wb.Table(columns=list(TABLE_COLUMNS), data=rows)
         if self.figures:
-            try:
-                from esdwatch.reporting import figures as F
-
-                F.require_matplotlib()
-            except ImportError as exc:
-                log.warning("esdwatch: %s; W&B gets no figures", exc)
-                self.figures = False
-            else:
-                if self.esd_figures:
-                    chosen = self._latest if self.max_esd_figures is None else self._latest[: self.max_esd_figures]
-                    for rec in chosen:
-                        if rec.report.ok:
-                            img = F.figure_to_rgb(F.esd_figure(rec, dpi=80))
-                            out[f"{self.prefix}/esd_figure/{rec.name}"] = self._wb.Image(
-                                img, caption=f"{rec.name} @ step {step}")
-                if self.phase_map and self._phases:
-                    img = F.figure_to_rgb(F.phase_map_figure(snapshots=self._phases, dpi=100))
-                    out[f"{self.prefix}/phase_map"] = self._wb.Image(img, caption=f"phases up to step {step}")
+            for key, rgb, caption in self._images(step) or []:
+                out[key] = self._wb.Image(rgb, caption=caption)
         self._figured_step = step
         return out
 
