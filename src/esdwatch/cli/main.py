@@ -15,6 +15,7 @@ import sys
 from typing import Any, Sequence
 
 from esdwatch.cli.loading import TargetError, load_target
+from esdwatch.reporting.html import ReportError, build_report
 
 #: Columns of the per-layer table, in order (LayerReport field names).
 TABLE_COLUMNS: tuple[str, ...] = (
@@ -102,10 +103,7 @@ def render_report(report, fmt: str) -> str:
 
 
 def _alarms(report) -> list:
-    try:
-        return report.alarms()
-    except ImportError:
-        return []
+    return report.alarms()
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -157,13 +155,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-traps", action="store_true", help="skip the correlation-trap test")
     p.set_defaults(func=_cmd_analyze)
 
-    try:
-        from esdwatch.reporting.html import add_report_command
-    except ImportError:
-        pass
-    else:
-        add_report_command(sub)
+    _add_report_command(sub)
     return parser
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        path = build_report(args.log_dir, args.output, title=args.title, embed=args.embed,
+                            max_layers=None if args.max_layers is not None and args.max_layers < 0 else args.max_layers)
+    except (ReportError, ImportError, OSError) as exc:
+        print(f"esdwatch: error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _add_report_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``esdwatch report LOG_DIR [--output DIR]`` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "report",
+        help="write a static HTML report (phase map, trajectories, spectra, alarms) of a run's records",
+        description="Reads records.jsonl (and alarms.jsonl, spectra.jsonl) under LOG_DIR and writes index.html "
+        "plus PNG figures. Works while the run is still training and on interrupted runs.",
+    )
+    p.add_argument("log_dir", metavar="LOG_DIR",
+                   help="the run's log directory, its esdwatch/ directory, or a records.jsonl file")
+    p.add_argument("--output", "-o", metavar="DIR", help="report directory (default: <records dir>/report)")
+    p.add_argument("--title", help="page title")
+    p.add_argument("--embed", action="store_true", help="inline the figures: one self-contained HTML file")
+    p.add_argument("--max-layers", type=int, default=64,
+                   help="draw the ESDs of at most this many layers (default 64; -1 for all)")
+    p.set_defaults(func=_cmd_report)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

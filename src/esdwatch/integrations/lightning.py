@@ -67,6 +67,7 @@ from typing import Any
 
 from esdwatch.monitor import Monitor
 from esdwatch.monitor.options import FrameworkOptions, MonitorOptions, takes_monitor_options
+from esdwatch.sinks.factory import check_sink_options, shell_sinks
 
 log = logging.getLogger("esdwatch.integrations.lightning")
 
@@ -155,43 +156,11 @@ class ESDMonitorBase:
 
     def _check_sink_options(self) -> None:
         """Unknown sink options are an error here, on every rank (not later, on rank 0 only)."""
-        if not self.framework.sink_options:
-            return
-        try:
-            known_by_kind = importlib.import_module("esdwatch.sinks.factory").sink_options()
-        except (ImportError, AttributeError):
-            return  # no logger sinks in this build: _logger_sinks warns
-        known = set().union(*known_by_kind.values())
-        unknown = sorted(set(self.framework.sink_options) - known)
-        if unknown:
-            raise ValueError(f"unknown sink_options {unknown}; known: {sorted(known)}")
+        check_sink_options(self.framework.sink_options)
 
     def _logger_sinks(self, trainer: Any) -> list[Any]:
-        try:
-            sinks_mod = importlib.import_module("esdwatch.sinks")
-        except ImportError:
-            return []
-        factory = getattr(sinks_mod, "sinks_for_loggers", None)
-        if factory is None:
-            if self.framework.sink_options:
-                log.warning("esdwatch: sink_options given but esdwatch.sinks.sinks_for_loggers is not available")
-            return []
-        # the monitor's name reaches the sinks, so two monitors on one logger write under
-        # esdwatch/<name>/..., as their records (esdwatch/<name>/) and summaries do; an explicit
-        # sink_options name or prefix wins
-        options = dict(self.framework.sink_options or {})
-        if self.name and "name" not in options:
-            options["name"] = self.name
-        try:
-            return list(factory(list(getattr(trainer, "loggers", None) or []), **options))
-        except TypeError as exc:  # an unknown sink option: the user's configuration error
-            if self.framework.sink_options:
-                raise ValueError(f"esdwatch: bad sink_options {self.framework.sink_options}: {exc}") from exc
-            raise
-        except Exception as exc:
-            log.warning("esdwatch: could not build sinks for the loggers (%s: %s); records still go to records.jsonl",
-                        type(exc).__name__, exc)
-            return []
+        loggers = list(getattr(trainer, "loggers", None) or [])
+        return shell_sinks(loggers, name=self.name, sink_options=self.framework.sink_options)
 
     def _check_distinct(self, trainer: Any) -> None:
         """Refuse a second monitor that would write to this one's output directory.

@@ -47,7 +47,6 @@ import atexit
 import logging
 import time
 import weakref
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -58,12 +57,13 @@ from esdwatch.monitor.distributed import Comm, default_comm
 from esdwatch.monitor.exchange import DistributedCoordinator
 from esdwatch.monitor.faults import Faults
 from esdwatch.monitor.options import MonitorOptions, takes_monitor_options
-from esdwatch.monitor.outputs import Outputs, output_dir
+from esdwatch.monitor.outputs import Outputs
 from esdwatch.monitor.publisher import Publisher
 from esdwatch.monitor.runtime import AnalysisRuntime
 from esdwatch.monitor.schedule import OverheadBudget, Schedule, auto_interval
 from esdwatch.monitor.snapshotter import Snapshotter
 from esdwatch.monitor.stopping import StopDecision
+from esdwatch.rundir import run_dir
 from esdwatch.schema import Alarm
 
 log = logging.getLogger("esdwatch.monitor")
@@ -114,8 +114,8 @@ class Monitor:
         self.root_module = root_module
         self.stats = _new_stats()
         faults = Faults(opts.strict, self.stats)
-        log_dir = None if opts.log_dir is None else Path(opts.log_dir)
-        outputs = Outputs(output_dir(log_dir, opts.name), opts.sinks or [], faults, writer=self.is_writer,
+        directory = None if opts.log_dir is None else run_dir(opts.log_dir, opts.name)
+        outputs = Outputs(directory, opts.sinks or [], faults, writer=self.is_writer,
                           keep_evals=opts.keep_evals)
         self.stop = StopDecision(self.distributed)
         parts = MonitorParts(

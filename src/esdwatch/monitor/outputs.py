@@ -22,19 +22,13 @@ from typing import Any, Callable, Sequence
 
 from esdwatch.monitor.faults import Faults
 from esdwatch.schema import Alarm, LayerRecord
-from esdwatch.sinks.jsonl import RECORDS_FILE, JsonlSink, copy_history, next_segment
-from esdwatch.sinks.spectra import SpectraSink, copy_spectra
+from esdwatch.rundir import RECORDS_FILE, copy_run, next_segment
+from esdwatch.sinks.jsonl import JsonlSink
+from esdwatch.sinks.spectra import SpectraSink
 
 log = logging.getLogger("esdwatch.monitor")
 
-__all__ = ["Outputs", "output_dir"]
-
-
-def output_dir(log_dir: Path | None, name: str | None) -> Path | None:
-    """``<log_dir>/esdwatch`` (``<log_dir>/esdwatch/<name>`` for a named monitor); None without a log_dir."""
-    if log_dir is None:
-        return None
-    return log_dir / "esdwatch" / name if name else log_dir / "esdwatch"
+__all__ = ["Outputs"]
 
 
 class Outputs:
@@ -70,8 +64,7 @@ class Outputs:
         if self.resumed_from is not None and self.previous_dir and Path(self.previous_dir) != out:
             prev = Path(self.previous_dir)
             if (prev / RECORDS_FILE).exists() and not (out / RECORDS_FILE).exists():
-                n = copy_history(prev, out, self.resumed_from)
-                copy_spectra(prev, out, self.resumed_from)
+                n = copy_run(prev, out, self.resumed_from)
                 log.info("esdwatch: resumed into %s: copied %d records up to step %d from %s", out, n,
                          self.resumed_from, prev)
         segment = next_segment(out)

@@ -23,14 +23,12 @@ power-law curves only.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as _dt
 import html
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +42,7 @@ from esdwatch.rundir import (
 )
 from esdwatch.schema import SUMMARY_METRICS, Alarm, LayerRecord, phase_name, summarize
 
-__all__ = ["ReportError", "find_records", "build_report", "add_report_command", "REPORT_FILE"]
+__all__ = ["ReportError", "find_records", "build_report", "REPORT_FILE"]
 
 REPORT_FILE = "index.html"
 TRAJECTORY_METRICS: tuple[str, ...] = ("alpha", "entropy", "mp_softrank")
@@ -276,34 +274,3 @@ def build_report(
 
 
 # ------------------------------------------------------------------------- CLI
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    try:
-        path = build_report(args.log_dir, args.output, title=args.title, embed=args.embed,
-                            max_layers=None if args.max_layers is not None and args.max_layers < 0 else args.max_layers)
-    except (ReportError, ImportError, OSError) as exc:
-        print(f"esdwatch: error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``esdwatch report LOG_DIR [--output DIR]`` on the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "report",
-        help="write a static HTML report (phase map, trajectories, spectra, alarms) of a run's records",
-        description="Reads records.jsonl (and alarms.jsonl, spectra.jsonl) under LOG_DIR and writes index.html "
-        "plus PNG figures. Works while the run is still training and on interrupted runs.",
-    )
-    p.add_argument("log_dir", metavar="LOG_DIR",
-                   help="the run's log directory, its esdwatch/ directory, or a records.jsonl file")
-    p.add_argument("--output", "-o", metavar="DIR", help="report directory (default: <records dir>/report)")
-    p.add_argument("--title", help="page title")
-    p.add_argument("--embed", action="store_true", help="inline the figures: one self-contained HTML file")
-    p.add_argument("--max-layers", type=int, default=64,
-                   help="draw the ESDs of at most this many layers (default 64; -1 for all)")
-    p.set_defaults(func=_cmd_report)
-    return p
-

@@ -28,7 +28,7 @@ from typing import Any
 
 log = logging.getLogger("esdwatch.sinks")
 
-__all__ = ["sinks_for_loggers", "sink_for_logger", "sink_options"]
+__all__ = ["check_sink_options", "shell_sinks", "sinks_for_loggers", "sink_for_logger", "sink_options"]
 
 _HINTS = {"tensorboard": "pip install 'esdwatch[tensorboard]'", "wandb": "pip install 'esdwatch[wandb]'",
           "mlflow": "pip install mlflow", "comet": "pip install comet-ml", "neptune": "pip install neptune"}
@@ -113,11 +113,9 @@ def sinks_for_loggers(loggers: Any, *, name: str | None = None, **options: Any) 
     """
     if name is not None:
         options["name"] = name
-    accepted = sink_options()
-    known = set().union(*accepted.values())
-    unknown = sorted(set(options) - known)
+    unknown, known = _unknown(options)
     if unknown:
-        raise TypeError(f"unknown sink option(s) {unknown}; known: {sorted(known)}")
+        raise TypeError(f"unknown sink option(s) {unknown}; known: {known}")
     if loggers is None:
         return []
     if not isinstance(loggers, (list, tuple)):
@@ -128,3 +126,38 @@ def sinks_for_loggers(loggers: Any, *, name: str | None = None, **options: Any) 
         if sink is not None:
             sinks.append(sink)
     return sinks
+
+
+def _unknown(options: Any) -> tuple[list[str], list[str]]:
+    known = set().union(*sink_options().values())
+    return sorted(set(options) - known), sorted(known)
+
+
+def check_sink_options(options: Any) -> None:
+    """A framework shell's ``sink_options``: an option no sink knows is a ValueError (at construction)."""
+    unknown, known = _unknown(options or {})
+    if unknown:
+        raise ValueError(f"unknown sink_options {unknown}; known: {known}")
+
+
+def shell_sinks(loggers: Any, *, name: str | None, sink_options: Any) -> list[Any]:
+    """The sinks a framework shell adds for its loggers (rank 0, at setup).
+
+    The monitor's ``name`` reaches the sinks, so two monitors on one logger write under
+    ``esdwatch/<name>/...``, as their records and summaries do (an explicit ``name`` or
+    ``prefix`` in ``sink_options`` wins). A logger esdwatch cannot write to costs a warning,
+    never the training: records still go to ``records.jsonl``.
+    """
+    options = dict(sink_options or {})
+    if name and "name" not in options:
+        options["name"] = name
+    try:
+        return sinks_for_loggers(loggers, **options)
+    except TypeError as exc:  # an unknown sink option: the user's configuration error
+        if sink_options:
+            raise ValueError(f"esdwatch: bad sink_options {sink_options}: {exc}") from exc
+        raise
+    except Exception as exc:
+        log.warning("esdwatch: could not build sinks for the loggers (%s: %s); records still go to records.jsonl",
+                    type(exc).__name__, exc)
+        return []
