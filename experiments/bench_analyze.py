@@ -47,8 +47,8 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
@@ -130,7 +130,9 @@ def bench_model(name: str, model: nn.Module, repeats: int, with_ww: bool, slow_r
     row["b_esdwatch"] = median_time(lambda: esdwatch.analyze(model, traps=False), repeats)
     esdwatch.analyze(model, traps=True)  # warm: permutations drawn and cached
     row["b_esdwatch_traps"] = median_time(lambda: esdwatch.analyze(model, traps=True), repeats)
-    row["b_esdwatch_traps_cold"] = median_time(lambda: (clear_permutation_cache(), esdwatch.analyze(model, traps=True)), repeats)
+    row["b_esdwatch_traps_cold"] = median_time(
+        lambda: (clear_permutation_cache(), esdwatch.analyze(model, traps=True)), repeats
+    )
     if with_ww:
         row["c_ww_default"] = median_time(lambda: weightwatcher_analyze(model), repeats)
         # minutes per run on the large layer: measured once unless asked otherwise
@@ -151,11 +153,12 @@ def bench_fit(repeats: int) -> dict[int, tuple[float, float]]:
         evals = esdwatch.eigenvalues(W).numpy()
         esdwatch.fit_power_law(evals)
         ours = median_time(lambda: esdwatch.fit_power_law(evals), max(repeats, 5))
-        ref = median_time(
-            lambda: powerlaw.Fit(evals, parameter_ranges={"alpha": [1, 100]}, verbose=False), repeats
-        )
+        ref = median_time(lambda: powerlaw.Fit(evals, parameter_ranges={"alpha": [1, 100]}, verbose=False), repeats)
         out[m] = (ours, ref)
-        print(f"fit n={m}: fit_power_law {ours * 1e3:.1f} ms, powerlaw.Fit {ref * 1e3:.0f} ms, ratio {ref / ours:.0f}x", flush=True)
+        print(
+            f"fit n={m}: fit_power_law {ours * 1e3:.1f} ms, powerlaw.Fit {ref * 1e3:.0f} ms, ratio {ref / ours:.0f}x",
+            flush=True,
+        )
     return out
 
 
@@ -169,16 +172,24 @@ def main() -> int:
     parser.add_argument("--skip-large", action="store_true", help="skip the 4096 x 4096 workload")
     parser.add_argument("--skip-ww", action="store_true", help="skip weightwatcher (c, d)")
     parser.add_argument("--slow-repeats", type=int, default=1, help="runs of (d), which takes minutes (default 1)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every library (default: every core)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="threads for every library (default: every core)"
+    )
     parser.add_argument("--output", default=str(RESULTS / "bench_analyze.md"))
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     load_start = os.getloadavg()[0]
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu count {os.cpu_count()}", flush=True)
-    rows = {"all-MiniLM-L6-v2 (39 matrices)": bench_model("minilm", load_minilm(), args.repeats, not args.skip_ww, args.slow_repeats)}
+    rows = {
+        "all-MiniLM-L6-v2 (39 matrices)": bench_model(
+            "minilm", load_minilm(), args.repeats, not args.skip_ww, args.slow_repeats
+        )
+    }
     if not args.skip_large:
-        rows["synthetic 4096 x 4096"] = bench_model("synthetic4096", synthetic_layer(), args.repeats, not args.skip_ww, args.slow_repeats)
+        rows["synthetic 4096 x 4096"] = bench_model(
+            "synthetic4096", synthetic_layer(), args.repeats, not args.skip_ww, args.slow_repeats
+        )
     fits = bench_fit(args.repeats)
 
     lines = [

@@ -29,25 +29,27 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
+import lightning.pytorch as L  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import lightning.pytorch as L  # noqa: E402
-
-from esdwatch.lightning import ESDMonitor  # noqa: E402
 from esdwatch.engine.phases import Phase  # noqa: E402
-from esdwatch.schema import LayerRecord  # noqa: E402
-from esdwatch.schema import summarize  # noqa: E402
+from esdwatch.lightning import ESDMonitor  # noqa: E402
 from esdwatch.rundir import read_alarms, read_records  # noqa: E402
+from esdwatch.schema import (
+    LayerRecord,  # noqa: E402
+    summarize,  # noqa: E402
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -70,13 +72,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     """The options every experiment has: --quick, --smoke, --out, --log-dir, --seed, --threads."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CPU-minutes version (smaller, shorter)")
-    ap.add_argument("--smoke", action="store_true",
-                    help="the smallest version, for the test suite (implies --quick; seconds)")
-    ap.add_argument("--out", default=None,
-                    help=f"where <name>.md and its figures go (default: {RESULTS} for the full run, "
-                         f"{QUICK_OUT} with --quick/--smoke, so a quick run never overwrites committed results)")
-    ap.add_argument("--log-dir", default=None,
-                    help="keep the monitor's output (records.jsonl ...) here (default: a temporary directory)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="the smallest version, for the test suite (implies --quick; seconds)"
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help=f"where <name>.md and its figures go (default: {RESULTS} for the full run, "
+        f"{QUICK_OUT} with --quick/--smoke, so a quick run never overwrites committed results)",
+    )
+    ap.add_argument(
+        "--log-dir",
+        default=None,
+        help="keep the monitor's output (records.jsonl ...) here (default: a temporary directory)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
     return ap
@@ -115,8 +124,10 @@ class LogRoot:
 
 
 def machine() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
-            f"lightning {L.__version__}, Python {platform.python_version()}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
+        f"lightning {L.__version__}, Python {platform.python_version()}"
+    )
 
 
 # ---------------------------------------------------------------------------- data
@@ -199,8 +210,17 @@ class MiniAlexNet(nn.Module):
 class Task(L.LightningModule):
     """A LightningModule around ``net``: cross-entropy (``loss="ce"``) or mean squared error (``"mse"``), SGD or Adam."""
 
-    def __init__(self, net: nn.Module, *, lr: float, optimizer: str = "sgd", momentum: float = 0.0,
-                 weight_decay: float = 0.0, loss: str = "ce", params: Callable[[nn.Module], Iterable] | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        lr: float,
+        optimizer: str = "sgd",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        loss: str = "ce",
+        params: Callable[[nn.Module], Iterable] | None = None,
+    ):
         super().__init__()
         self.net = net
         self.lr, self.optimizer_name, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
@@ -331,20 +351,38 @@ def train(
     L.seed_everything(seed, workers=False, verbose=False)
     x, y = train_data
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed), drop_last=False,
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=False,
     )
     sink = EvalsSink(keep_evals_of)
-    opts = dict(at_start=True, at_end=True, on_backpressure="block", max_pending=2, worker_nice=0,
-                alarm_actions={"non_finite": "log"}, log_summary=False, phase_transitions=False)
+    opts = dict(
+        at_start=True,
+        at_end=True,
+        on_backpressure="block",
+        max_pending=2,
+        worker_nice=0,
+        alarm_actions={"non_finite": "log"},
+        log_summary=False,
+        phase_transitions=False,
+    )
     opts.update(monitor or {})
     keep = keep_evals_of is None or len(keep_evals_of) > 0
     opts.setdefault("keep_evals", keep)
     cb = ESDMonitor(log_dir=str(log_dir), sinks=[sink] if keep else [], logger_sinks=False, **opts)
     trainer = L.Trainer(
-        max_epochs=max_epochs if max_epochs is not None else -1, max_steps=max_steps, accelerator="cpu",
-        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[cb, *callbacks],
+        max_epochs=max_epochs if max_epochs is not None else -1,
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[cb, *callbacks],
         default_root_dir=str(log_dir),
     )
     t0 = time.perf_counter()
@@ -355,8 +393,17 @@ def train(
     path = log_dir / "esdwatch" / "records.jsonl"
     records = read_records(path)
     alarms = read_alarms(path.parent) if path.exists() else []
-    run = Run(name=name, records=records, evals=sink.evals, alarms=alarms, steps=int(trainer.global_step),
-              epochs=int(trainer.current_epoch), train_s=elapsed, monitor_stats=stats, task=task)
+    run = Run(
+        name=name,
+        records=records,
+        evals=sink.evals,
+        alarms=alarms,
+        steps=int(trainer.global_step),
+        epochs=int(trainer.current_epoch),
+        train_s=elapsed,
+        monitor_stats=stats,
+        task=task,
+    )
     for key, (xe, ye) in (eval_sets or {}).items():
         run.metrics[key] = evaluate(task, xe, ye)
     return run
@@ -387,8 +434,12 @@ def rank_corr(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     if out["n"] >= 3 and np.ptp(a) > 0 and np.ptp(b) > 0:
         r = stats.spearmanr(a, b)
         t = stats.kendalltau(a, b)
-        out.update(rho=float(r.statistic), rho_p=_spearman_p(a, b, float(r.statistic), float(r.pvalue)),
-                   tau=float(t.statistic), tau_p=float(t.pvalue))
+        out.update(
+            rho=float(r.statistic),
+            rho_p=_spearman_p(a, b, float(r.statistic), float(r.pvalue)),
+            tau=float(t.statistic),
+            tau_p=float(t.pvalue),
+        )
     return out
 
 
@@ -472,8 +523,10 @@ def save_fig(fig, path: Path, dpi: int = 90, max_kb: int = 200) -> Path:
 class Results:
     """The result file ``<out>/<name>.md`` and its figures ``<out>/<name>_*.png``."""
 
-    MONITORED = ("Every spectral number below was measured by `esdwatch.lightning.ESDMonitor` during training "
-                 "(its `records.jsonl`, and the eigenvalues it handed to its sinks with `keep_evals=True`).")
+    MONITORED = (
+        "Every spectral number below was measured by `esdwatch.lightning.ESDMonitor` during training "
+        "(its `records.jsonl`, and the eigenvalues it handed to its sinks with `keep_evals=True`)."
+    )
 
     def __init__(self, name: str, args: argparse.Namespace, title: str, command: str, provenance: str | None = None):
         self.provenance = self.MONITORED if provenance is None else provenance

@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common as C  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import common as C  # noqa: E402
 from esdwatch.reporting.figures import draw_esd  # noqa: E402
 
 NAME = "crafting_heavy_tails"
@@ -51,11 +51,22 @@ def settings(mode: str) -> dict:
     if mode == "smoke":
         return dict(n=400, d=96, h=160, steps=4, gd=[10.0, 1000.0, 10000.0], adam=[0.01, 1.0])
     if mode == "quick":
-        return dict(n=1000, d=256, h=384, steps=8, gd=[10.0, 100.0, 1000.0, 3000.0, 10000.0, 30000.0],
-                    adam=[0.003, 0.01, 0.03, 0.1, 0.3, 1.0])
-    return dict(n=2000, d=512, h=768, steps=10,
-                gd=[1.0, 10.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0],
-                adam=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+        return dict(
+            n=1000,
+            d=256,
+            h=384,
+            steps=8,
+            gd=[10.0, 100.0, 1000.0, 3000.0, 10000.0, 30000.0],
+            adam=[0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+        )
+    return dict(
+        n=2000,
+        d=512,
+        h=768,
+        steps=10,
+        gd=[1.0, 10.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0],
+        adam=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+    )
 
 
 class TwoLayer(nn.Module):
@@ -84,7 +95,7 @@ def teacher_data(n: int, d: int, seed: int):
     beta /= beta.norm()
     x = torch.randn(3 * n, d, generator=g)
     y = nn.functional.softplus(x @ beta) + NOISE * torch.randn(3 * n, generator=g)
-    return (x[:n], y[:n]), (x[n:2 * n], y[n:2 * n]), (x[2 * n:], y[2 * n:]), beta
+    return (x[:n], y[:n]), (x[n : 2 * n], y[n : 2 * n]), (x[2 * n :], y[2 * n :]), beta
 
 
 @torch.no_grad()
@@ -115,8 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = C.mode_of(args)
     cfg = settings(mode)
     C.setup_torch(args)
-    res = C.Results(NAME, args, "Experiment 3: heavy tails without gradient noise (full-batch GD and Adam)",
-                    C.command_line("crafting_heavy_tails.py", argv))
+    res = C.Results(
+        NAME,
+        args,
+        "Experiment 3: heavy tails without gradient noise (full-batch GD and Adam)",
+        C.command_line("crafting_heavy_tails.py", argv),
+    )
     logs = C.LogRoot(args.log_dir, NAME)
     results: dict[tuple[str, float], dict] = {}
     try:
@@ -126,23 +141,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                 weights: dict[int, torch.Tensor] = {}
                 cap = C.Capture(lambda step, net: weights.__setitem__(step, net.W.weight.detach().clone()))
                 net = TwoLayer(cfg["d"], cfg["h"], seed=args.seed)
-                task = C.Task(net, lr=lr, optimizer="sgd" if opt == "gd" else "adam", loss="mse",
-                              params=lambda m: [m.W.weight])
+                task = C.Task(
+                    net, lr=lr, optimizer="sgd" if opt == "gd" else "adam", loss="mse", params=lambda m: [m.W.weight]
+                )
                 init_test = C.evaluate(task, xte, yte)
                 init_readout = readout_mse(net, probe, (xte, yte))
-                run = C.train(task, (xtr, ytr), log_dir=logs.sub(f"{opt}_{lr:g}"), batch_size=cfg["n"],
-                              max_steps=cfg["steps"], shuffle=False, seed=args.seed,
-                              monitor=dict(every_n_steps=1), keep_evals_of=[LAYER], callbacks=[cap],
-                              eval_sets={"train": (xtr, ytr), "test": (xte, yte)}, name=f"{opt} lr={lr:g}")
+                run = C.train(
+                    task,
+                    (xtr, ytr),
+                    log_dir=logs.sub(f"{opt}_{lr:g}"),
+                    batch_size=cfg["n"],
+                    max_steps=cfg["steps"],
+                    shuffle=False,
+                    seed=args.seed,
+                    monitor=dict(every_n_steps=1),
+                    keep_evals_of=[LAYER],
+                    callbacks=[cap],
+                    eval_sets={"train": (xtr, ytr), "test": (xte, yte)},
+                    name=f"{opt} lr={lr:g}",
+                )
                 align = alignments(weights, beta)
                 net.eval()
                 run.metrics["readout"] = readout_mse(net, probe, (xte, yte))
                 results[(opt, lr)] = dict(run=run, align=align, init_test=init_test, init_readout=init_readout)
                 r1, rT = run.at(1)[LAYER].report, run.at()[LAYER].report
-                print(f"{opt:4s} lr {lr:<8g} step 1: {r1.phase:12s} alpha {C.fmt(r1.alpha, 2):>6s} | step "
-                      f"{run.steps}: {rT.phase:12s} alpha {C.fmt(rT.alpha, 2):>6s} softrank {C.fmt(rT.mp_softrank, 3)} | "
-                      f"align {align['u'][-1]:.3f} | test mse {init_test:.3f} -> {run.metrics['test']:.3f} | readout "
-                      f"{init_readout:.3f} -> {run.metrics['readout']:.3f}", flush=True)
+                print(
+                    f"{opt:4s} lr {lr:<8g} step 1: {r1.phase:12s} alpha {C.fmt(r1.alpha, 2):>6s} | step "
+                    f"{run.steps}: {rT.phase:12s} alpha {C.fmt(rT.alpha, 2):>6s} softrank {C.fmt(rT.mp_softrank, 3)} | "
+                    f"align {align['u'][-1]:.3f} | test mse {init_test:.3f} -> {run.metrics['test']:.3f} | readout "
+                    f"{init_readout:.3f} -> {run.metrics['readout']:.3f}",
+                    flush=True,
+                )
         report(res, results, cfg)
         res.write()
     finally:
@@ -188,28 +217,67 @@ def report(res: C.Results, results: dict, cfg: dict) -> None:
         f"on W ({cfg['d']} eigenvalues per snapshot). Feature quality as in the paper: ridge readout (lambda = "
         f"{RIDGE}, plus an intercept, which the paper's readout lacks) fitted on the probe set's hidden features, MSE "
         f"on the test set; at initialization (random features) it is {C.fmt(d0['init_readout'])} (the label noise "
-        f"alone gives {NOISE ** 2:.2f}), and the test MSE of the raw student output is {C.fmt(d0['init_test'])}.")
+        f"alone gives {NOISE**2:.2f}), and the test MSE of the raw student output is {C.fmt(d0['init_test'])}."
+    )
 
     rows = []
     for (opt, lr), d in results.items():
         run, al = d["run"], d["align"]
         r1, rT = run.at(1)[LAYER].report, run.at()[LAYER].report
-        rows.append([opt.upper() if opt == "gd" else "Adam", f"{lr:g}", r1.phase, C.fmt(r1.alpha, 2),
-                     f"**{rT.phase}**", C.fmt(rT.alpha, 2), C.fmt(rT.mp_softrank, 3), rT.num_spikes,
-                     C.fmt(rT.stable_rank, 1), rT.num_traps, C.fmt(al["u"][-1], 2), C.fmt(al["v"][-1], 2),
-                     C.fmt(al["cum_u"][-1], 2), C.fmt(al["v_beta"][-1], 2), C.fmt(al["update_beta"][-1], 2),
-                     C.fmt(run.metrics["readout"]),
-                     C.fmt(run.metrics["train"]), C.fmt(run.metrics["test"])])
-    res.add(f"## W after step 1 and after step {T}, per optimizer and learning rate\n\n"
-            "`u1.G` / `v1.G`: |<u_1(W), u_1(G)>| and |<v_1(W), v_1(G)>|, overlaps of the top left / right singular "
-            f"vectors of W after step {T} with those of the first update G = W_1 - W_0; `u1.(W-W0)`: the same with "
-            f"the accumulated update W_{T} - W_0; `v1.beta`: overlap of W's top right singular vector with the "
-            "teacher direction, `vG.beta` that of the first update's. `readout`: the paper's feature-quality score (test MSE of the ridge readout, lower "
-            "is better); `train` / `test`: MSE of the student's own output (fixed a). At initialization W is "
-            f"{d0['run'].at(0)[LAYER].report.phase} (alpha {C.fmt(d0['run'].at(0)[LAYER].report.alpha, 2)}).\n\n" +
-            C.md_table(["opt", "lr", "phase @1", "alpha @1", f"phase @{T}", f"alpha @{T}", "MP soft rank",
-                        "spikes", "stable rank", "traps", "u1.G", "v1.G", "u1.(W-W0)", "v1.beta", "vG.beta", "readout",
-                        "train", "test"], rows))
+        rows.append(
+            [
+                opt.upper() if opt == "gd" else "Adam",
+                f"{lr:g}",
+                r1.phase,
+                C.fmt(r1.alpha, 2),
+                f"**{rT.phase}**",
+                C.fmt(rT.alpha, 2),
+                C.fmt(rT.mp_softrank, 3),
+                rT.num_spikes,
+                C.fmt(rT.stable_rank, 1),
+                rT.num_traps,
+                C.fmt(al["u"][-1], 2),
+                C.fmt(al["v"][-1], 2),
+                C.fmt(al["cum_u"][-1], 2),
+                C.fmt(al["v_beta"][-1], 2),
+                C.fmt(al["update_beta"][-1], 2),
+                C.fmt(run.metrics["readout"]),
+                C.fmt(run.metrics["train"]),
+                C.fmt(run.metrics["test"]),
+            ]
+        )
+    res.add(
+        f"## W after step 1 and after step {T}, per optimizer and learning rate\n\n"
+        "`u1.G` / `v1.G`: |<u_1(W), u_1(G)>| and |<v_1(W), v_1(G)>|, overlaps of the top left / right singular "
+        f"vectors of W after step {T} with those of the first update G = W_1 - W_0; `u1.(W-W0)`: the same with "
+        f"the accumulated update W_{T} - W_0; `v1.beta`: overlap of W's top right singular vector with the "
+        "teacher direction, `vG.beta` that of the first update's. `readout`: the paper's feature-quality score (test MSE of the ridge readout, lower "
+        "is better); `train` / `test`: MSE of the student's own output (fixed a). At initialization W is "
+        f"{d0['run'].at(0)[LAYER].report.phase} (alpha {C.fmt(d0['run'].at(0)[LAYER].report.alpha, 2)}).\n\n"
+        + C.md_table(
+            [
+                "opt",
+                "lr",
+                "phase @1",
+                "alpha @1",
+                f"phase @{T}",
+                f"alpha @{T}",
+                "MP soft rank",
+                "spikes",
+                "stable rank",
+                "traps",
+                "u1.G",
+                "v1.G",
+                "u1.(W-W0)",
+                "v1.beta",
+                "vG.beta",
+                "readout",
+                "train",
+                "test",
+            ],
+            rows,
+        )
+    )
 
     # ---- trend with the learning rate
     crow, corr = [], {}
@@ -224,43 +292,76 @@ def report(res: C.Results, results: dict, cfg: dict) -> None:
             sr = [C.as_float(r.mp_softrank) for r in recs]
             cp, ca, cs = C.rank_corr(np.log(lrs), ph), C.rank_corr(np.log(lrs), al), C.rank_corr(np.log(lrs), sr)
             corr[(opt, step_label)] = (cp, ca, cs)
-            crow.append([opt.upper() if opt == "gd" else "Adam", step_label,
-                         f"{C.fmt(cp['rho'], 2)} (p {C.fmt_p(cp['rho_p'])})",
-                         f"{C.fmt(ca['rho'], 2)} (p {C.fmt_p(ca['rho_p'])})",
-                         f"{C.fmt(cs['rho'], 2)} (p {C.fmt_p(cs['rho_p'])})"])
-    res.add("## Trend with the learning rate\n\nSpearman rho between log(learning rate) and the phase order "
-            "(0 Random-like, 1 Bleeding-out, 2 Bulk+Spikes, 3 Bulk-decay, 4 Heavy-Tailed), alpha and the MP soft "
-            "rank (claim: phase up, alpha and soft rank down as the rate grows).\n\n" +
-            C.md_table(["optimizer", "step", "rho(phase)", "rho(alpha)", "rho(soft rank)"], crow))
+            crow.append(
+                [
+                    opt.upper() if opt == "gd" else "Adam",
+                    step_label,
+                    f"{C.fmt(cp['rho'], 2)} (p {C.fmt_p(cp['rho_p'])})",
+                    f"{C.fmt(ca['rho'], 2)} (p {C.fmt_p(ca['rho_p'])})",
+                    f"{C.fmt(cs['rho'], 2)} (p {C.fmt_p(cs['rho_p'])})",
+                ]
+            )
+    res.add(
+        "## Trend with the learning rate\n\nSpearman rho between log(learning rate) and the phase order "
+        "(0 Random-like, 1 Bleeding-out, 2 Bulk+Spikes, 3 Bulk-decay, 4 Heavy-Tailed), alpha and the MP soft "
+        "rank (claim: phase up, alpha and soft rank down as the rate grows).\n\n"
+        + C.md_table(["optimizer", "step", "rho(phase)", "rho(alpha)", "rho(soft rank)"], crow)
+    )
 
     # ---- figure: alpha / soft rank vs lr
-    colors = {p.value: c for p, c in zip(C.Phase, ("#999999", "#9ecae1", "#2ca02c", "#ff7f0e", "#d62728",
-                                                    "#6a3d9a", "#000000"))}
+    colors = {
+        p.value: c
+        for p, c in zip(C.Phase, ("#999999", "#9ecae1", "#2ca02c", "#ff7f0e", "#d62728", "#6a3d9a", "#000000"))
+    }
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
     for ax, metric in zip(axes, ("alpha", "mp_softrank")):
         for opt, marker in (("gd", "o"), ("adam", "s")):
             lrs = [lr for (o, lr) in results if o == opt]
             for step, ls in ((1, ":"), (T, "-")):
-                recs = [(results[(opt, lr)]["run"].at(step) if step == 1 else results[(opt, lr)]["run"].at())[LAYER]
-                        .report for lr in lrs]
+                recs = [
+                    (results[(opt, lr)]["run"].at(step) if step == 1 else results[(opt, lr)]["run"].at())[LAYER].report
+                    for lr in lrs
+                ]
                 vals = [C.as_float(getattr(r, metric)) for r in recs]
-                ax.plot(lrs, vals, ls, color="#555555" if opt == "gd" else "#1f77b4", lw=1,
-                        label=f"{'GD' if opt == 'gd' else 'Adam'}, step {step}")
-                ax.scatter(lrs, vals, c=[colors.get(r.phase, "#000") for r in recs], marker=marker, s=30, zorder=3,
-                           edgecolors="k", linewidths=0.4)
+                ax.plot(
+                    lrs,
+                    vals,
+                    ls,
+                    color="#555555" if opt == "gd" else "#1f77b4",
+                    lw=1,
+                    label=f"{'GD' if opt == 'gd' else 'Adam'}, step {step}",
+                )
+                ax.scatter(
+                    lrs,
+                    vals,
+                    c=[colors.get(r.phase, "#000") for r in recs],
+                    marker=marker,
+                    s=30,
+                    zorder=3,
+                    edgecolors="k",
+                    linewidths=0.4,
+                )
         ax.set_xscale("log")
         ax.set_yscale("log" if metric == "mp_softrank" else "linear")
         ax.set_xlabel("learning rate")
         ax.set_title(f"W: {metric} (marker colour = phase)", fontsize=10)
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=p) for p, c in colors.items()
-               if any(d["run"].at()[LAYER].report.phase == p or d["run"].at(1)[LAYER].report.phase == p
-                      for d in results.values())]
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=c, label=p)
+        for p, c in colors.items()
+        if any(
+            d["run"].at()[LAYER].report.phase == p or d["run"].at(1)[LAYER].report.phase == p for d in results.values()
+        )
+    ]
     axes[0].legend(fontsize=7, loc="upper right")
     axes[1].legend(handles=handles, fontsize=7, loc="lower left")
     fig.tight_layout()
-    res.figure(fig, "alpha_vs_lr", f"alpha and MP soft rank of W versus the learning rate, after step 1 (dotted) and "
-                                   f"step {T} (solid); circles GD, squares Adam; colour = esdwatch phase")
+    res.figure(
+        fig,
+        "alpha_vs_lr",
+        f"alpha and MP soft rank of W versus the learning rate, after step 1 (dotted) and "
+        f"step {T} (solid); circles GD, squares Adam; colour = esdwatch phase",
+    )
 
     # ---- figure: ESD grid
     picks = {}
@@ -280,23 +381,33 @@ def report(res: C.Results, results: dict, cfg: dict) -> None:
             run = results[(opt, lr)]["run"]
             rec = run.at()[LAYER]
             r = rec.report
-            draw_esd(ax, rec, run.evals.get((run.snapshot_steps[-1], LAYER)), legend=False,
-                     title=f"{'GD' if opt == 'gd' else 'Adam'} lr {lr:g}, step {T}\n{r.phase}, alpha {C.fmt(r.alpha, 2)}")
+            draw_esd(
+                ax,
+                rec,
+                run.evals.get((run.snapshot_steps[-1], LAYER)),
+                legend=False,
+                title=f"{'GD' if opt == 'gd' else 'Adam'} lr {lr:g}, step {T}\n{r.phase}, alpha {C.fmt(r.alpha, 2)}",
+            )
             ax.title.set_fontsize(8)
             ax.set_xlabel("")
             ax.set_ylabel("")
             ax.tick_params(labelsize=7)
     fig.tight_layout()
-    res.figure(fig, "esd", f"ESD of W after {T} full-batch steps, increasing learning rate left to right "
-                           "(top GD, bottom Adam), with the monitor's MP and power-law fits")
+    res.figure(
+        fig,
+        "esd",
+        f"ESD of W after {T} full-batch steps, increasing learning rate left to right "
+        "(top GD, bottom Adam), with the monitor's MP and power-law fits",
+    )
 
     # ---- figure: alignment over steps
     fig, axes = plt.subplots(2, 2, figsize=(11, 5.6))
     for col, opt in enumerate(("gd", "adam")):
         lrs = [lr for (o, lr) in results if o == opt]
         cmap = plt.get_cmap("plasma")
-        for row, (key, label) in enumerate((("v", "|<v1(W_t), v1(G)>| (input side)"),
-                                            ("u", "|<u1(W_t), u1(G)>| (hidden side)"))):
+        for row, (key, label) in enumerate(
+            (("v", "|<v1(W_t), v1(G)>| (input side)"), ("u", "|<u1(W_t), u1(G)>| (hidden side)"))
+        ):
             ax = axes[row, col]
             for i, lr in enumerate(lrs):
                 al = results[(opt, lr)]["align"]
@@ -308,8 +419,12 @@ def report(res: C.Results, results: dict, cfg: dict) -> None:
             ax.grid(alpha=0.3)
         axes[0, col].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    res.figure(fig, "alignment", "Overlap of W's top right (top row) and left (bottom row) singular vectors with those "
-                                 "of the first update G = W_1 - W_0, per step")
+    res.figure(
+        fig,
+        "alignment",
+        "Overlap of W's top right (top row) and left (bottom row) singular vectors with those "
+        "of the first update G = W_1 - W_0, per step",
+    )
 
     # ---- verdict
     lines = []
@@ -321,39 +436,49 @@ def report(res: C.Results, results: dict, cfg: dict) -> None:
         name = "GD" if opt == "gd" else "Adam"
         text = f"- **{name}** after {T} steps: " + ", ".join(f"lr {lr:g} {p}" for lr, p in seq) + ". "
         if bs and ht and min(ht) > min(bs):
-            text += (f"Bulk+Spikes first appears at lr {min(bs):g}, Heavy-Tailed at lr {min(ht):g}: the claimed order "
-                     "(spikes at moderate, heavy tails at large rates) holds. ")
+            text += (
+                f"Bulk+Spikes first appears at lr {min(bs):g}, Heavy-Tailed at lr {min(ht):g}: the claimed order "
+                "(spikes at moderate, heavy tails at large rates) holds. "
+            )
         elif ht:
-            text += f"Heavy-Tailed at lr >= {min(ht):g}; " + ("no Bulk+Spikes stage at step "
-                                                             f"{T} in this grid. " if not bs else "")
+            text += f"Heavy-Tailed at lr >= {min(ht):g}; " + (
+                f"no Bulk+Spikes stage at step {T} in this grid. " if not bs else ""
+            )
         else:
             text += "No Heavy-Tailed ESD in this grid. "
         key = (opt, str(T))
         if key in corr:
             cp, ca, cs = corr[key]
-            text += (f"Phase vs log lr: Spearman rho {C.fmt(cp['rho'], 2)} (p {C.fmt_p(cp['rho_p'])}); alpha vs log lr: "
-                     f"rho {C.fmt(ca['rho'], 2)} (p {C.fmt_p(ca['rho_p'])}).")
+            text += (
+                f"Phase vs log lr: Spearman rho {C.fmt(cp['rho'], 2)} (p {C.fmt_p(cp['rho_p'])}); alpha vs log lr: "
+                f"rho {C.fmt(ca['rho'], 2)} (p {C.fmt_p(ca['rho_p'])})."
+            )
         seq1 = [(lr, results[(opt, lr)]["run"].at(1)[LAYER].report.phase) for lr in lrs]
         text += " After the first step alone: " + ", ".join(f"lr {lr:g} {p}" for lr, p in seq1) + "."
         lines.append(text)
     al_lines = []
     for opt in ("gd", "adam"):
         lrs = [lr for (o, lr) in results if o == opt]
-        spiky = [lr for lr in lrs if results[(opt, lr)]["run"].at()[LAYER].report.phase not in
-                 ("Random-like", "Bleeding-out")]
+        spiky = [
+            lr
+            for lr in lrs
+            if results[(opt, lr)]["run"].at()[LAYER].report.phase not in ("Random-like", "Bleeding-out")
+        ]
         if spiky:
             vals = [results[(opt, lr)]["align"]["u"][-1] for lr in spiky]
             vb = [results[(opt, lr)]["align"]["v_beta"][-1] for lr in spiky]
             vc = [results[(opt, lr)]["align"]["cum_u"][-1] for lr in spiky]
             vv = [results[(opt, lr)]["align"]["v"][-1] for lr in spiky]
-            al_lines.append(f"{'GD' if opt == 'gd' else 'Adam'}: over the {len(spiky)} rates whose W left the "
-                            f"random-like phases (lr {', '.join(f'{lr:g}' for lr in spiky)}), the top *right* "
-                            f"(input-space) singular vector of W_{T} overlaps that of the first update by "
-                            f"{min(vv):.2f}-{max(vv):.2f} (median {np.median(vv):.2f}), the top *left* (hidden-unit) "
-                            f"one by {min(vals):.2f}-{max(vals):.2f} (median {np.median(vals):.2f}); with the "
-                            f"accumulated update W_{T} - W_0 the left overlap is {min(vc):.2f}-{max(vc):.2f} (median "
-                            f"{np.median(vc):.2f}); W's top right singular vector overlaps the teacher direction by "
-                            f"{min(vb):.2f}-{max(vb):.2f}")
+            al_lines.append(
+                f"{'GD' if opt == 'gd' else 'Adam'}: over the {len(spiky)} rates whose W left the "
+                f"random-like phases (lr {', '.join(f'{lr:g}' for lr in spiky)}), the top *right* "
+                f"(input-space) singular vector of W_{T} overlaps that of the first update by "
+                f"{min(vv):.2f}-{max(vv):.2f} (median {np.median(vv):.2f}), the top *left* (hidden-unit) "
+                f"one by {min(vals):.2f}-{max(vals):.2f} (median {np.median(vals):.2f}); with the "
+                f"accumulated update W_{T} - W_0 the left overlap is {min(vc):.2f}-{max(vc):.2f} (median "
+                f"{np.median(vc):.2f}); W's top right singular vector overlaps the teacher direction by "
+                f"{min(vb):.2f}-{max(vb):.2f}"
+            )
     gen_lines = []
     for opt in ("gd", "adam"):
         lrs = [lr for (o, lr) in results if o == opt]
@@ -361,46 +486,72 @@ def report(res: C.Results, results: dict, cfg: dict) -> None:
         best = int(np.nanargmin(ro))
         r_best = results[(opt, lrs[best])]["run"].at()[LAYER].report
         c = C.rank_corr([C.as_float(results[(opt, lr)]["run"].at()[LAYER].report.alpha) for lr in lrs], ro)
-        gen_lines.append(f"{'GD' if opt == 'gd' else 'Adam'}: best readout MSE {ro[best]:.3f} (initial features "
-                         f"{results[(opt, lrs[0])]['init_readout']:.3f}) at lr {lrs[best]:g}, where W is "
-                         f"{r_best.phase} (alpha {C.fmt(r_best.alpha, 2)}); alpha vs readout MSE over the rates: "
-                         f"{C.corr_text(c, 'spearman')}")
+        gen_lines.append(
+            f"{'GD' if opt == 'gd' else 'Adam'}: best readout MSE {ro[best]:.3f} (initial features "
+            f"{results[(opt, lrs[0])]['init_readout']:.3f}) at lr {lrs[best]:g}, where W is "
+            f"{r_best.phase} (alpha {C.fmt(r_best.alpha, 2)}); alpha vs readout MSE over the rates: "
+            f"{C.corr_text(c, 'spearman')}"
+        )
     heads = []
     for opt in ("gd", "adam"):
         lrs = [lr for (o, lr) in results if o == opt]
         found = []
         for step in (1, T):
-            seq = [(results[(opt, lr)]["run"].at(step) if step == 1 else results[(opt, lr)]["run"].at())[LAYER]
-                   .report.phase for lr in lrs]
+            seq = [
+                (results[(opt, lr)]["run"].at(step) if step == 1 else results[(opt, lr)]["run"].at())[
+                    LAYER
+                ].report.phase
+                for lr in lrs
+            ]
             bsp = [i for i, p in enumerate(seq) if p == "Bulk+Spikes"]
             ht = [i for i, p in enumerate(seq) if p == "Heavy-Tailed"]
             if bsp and ht and min(ht) > max(bsp):
-                found.append(f"after step {step}: Bulk+Spikes at lr {', '.join(f'{lrs[i]:g}' for i in bsp)}, "
-                             f"Heavy-Tailed at lr {', '.join(f'{lrs[i]:g}' for i in ht)}")
+                found.append(
+                    f"after step {step}: Bulk+Spikes at lr {', '.join(f'{lrs[i]:g}' for i in bsp)}, "
+                    f"Heavy-Tailed at lr {', '.join(f'{lrs[i]:g}' for i in ht)}"
+                )
             elif ht:
-                found.append(f"after step {step}: Heavy-Tailed at lr {', '.join(f'{lrs[i]:g}' for i in ht)} "
-                             f"{'without a Bulk+Spikes stage below' if not bsp else 'but not above every Bulk+Spikes rate'}")
+                found.append(
+                    f"after step {step}: Heavy-Tailed at lr {', '.join(f'{lrs[i]:g}' for i in ht)} "
+                    f"{'without a Bulk+Spikes stage below' if not bsp else 'but not above every Bulk+Spikes rate'}"
+                )
             else:
-                found.append(f"after step {step}: no Heavy-Tailed ESD"
-                             + (f" (Bulk+Spikes at lr {', '.join(f'{lrs[i]:g}' for i in bsp)})" if bsp else ""))
+                found.append(
+                    f"after step {step}: no Heavy-Tailed ESD"
+                    + (f" (Bulk+Spikes at lr {', '.join(f'{lrs[i]:g}' for i in bsp)})" if bsp else "")
+                )
         ok = [f for f in found if "Bulk+Spikes at lr" in f and "Heavy-Tailed at lr" in f]
         name = "GD" if opt == "gd" else "Adam"
-        verdict = "reproduced" if len(ok) == 2 else "reproduced after the first step" if found and found[0] in ok \
-            else f"reproduced after step {T}" if ok else "not reproduced"
+        verdict = (
+            "reproduced"
+            if len(ok) == 2
+            else "reproduced after the first step"
+            if found and found[0] in ok
+            else f"reproduced after step {T}"
+            if ok
+            else "not reproduced"
+        )
         heads.append(f"**{name}: {verdict}** ({'; '.join(found)}).")
-    res.add("## Verdict\n\nClaim: Bulk+Spikes at moderate learning rates, Heavy-Tailed at large ones, without "
-            "gradient noise.\n\n" + "\n".join(f"- {h}" for h in heads) + "\n\nDetails:\n\n" +
-            "\n".join(lines) + "\n\n**Alignment:** " + "; ".join(al_lines) +
-            ". (For a random-like W the top singular vectors are unrelated to G: overlaps of order "
-            f"1/sqrt({cfg['h']}) = {1 / math.sqrt(cfg['h']):.2f}.)\n\n**Features and generalization:** " +
-            "; ".join(gen_lines) + ".\n\n"
-            "No gradient noise is involved (full batch, fixed order): whatever structure the ESD shows comes "
-            "from the size of the steps. Caveats: esdwatch's phase rules call a W dominated by one huge "
-            "spike plus a broad cloud of outliers (stable rank near 1, lambda_max >> lambda_+) Heavy-Tailed when "
-            "more than 5% of the eigenvalues and 40% of the energy lie above the MP edge; the ESD figure shows "
-            "the spectra so that the distinction between 'a few spikes' and 'a power-law tail' can be judged by eye. "
-            "The student's own output (a fixed) gets worse at the largest rates (train/test columns): the readout "
-            "score, not the raw output, is what the paper relates to the ESD.")
+    res.add(
+        "## Verdict\n\nClaim: Bulk+Spikes at moderate learning rates, Heavy-Tailed at large ones, without "
+        "gradient noise.\n\n"
+        + "\n".join(f"- {h}" for h in heads)
+        + "\n\nDetails:\n\n"
+        + "\n".join(lines)
+        + "\n\n**Alignment:** "
+        + "; ".join(al_lines)
+        + ". (For a random-like W the top singular vectors are unrelated to G: overlaps of order "
+        f"1/sqrt({cfg['h']}) = {1 / math.sqrt(cfg['h']):.2f}.)\n\n**Features and generalization:** "
+        + "; ".join(gen_lines)
+        + ".\n\n"
+        "No gradient noise is involved (full batch, fixed order): whatever structure the ESD shows comes "
+        "from the size of the steps. Caveats: esdwatch's phase rules call a W dominated by one huge "
+        "spike plus a broad cloud of outliers (stable rank near 1, lambda_max >> lambda_+) Heavy-Tailed when "
+        "more than 5% of the eigenvalues and 40% of the energy lie above the MP edge; the ESD figure shows "
+        "the spectra so that the distinction between 'a few spikes' and 'a power-law tail' can be judged by eye. "
+        "The student's own output (a fixed) gets worse at the largest rates (train/test columns): the readout "
+        "score, not the raw output, is what the paper relates to the ESD."
+    )
 
 
 if __name__ == "__main__":

@@ -48,11 +48,23 @@ def train(out: Path, epochs: int, every: int) -> Path:
     logger = importlib.import_module(L.__name__ + ".loggers").TensorBoardLogger(str(out), name="demo")
     log_dir = Path(logger.log_dir)
     monitor = callback_class("lightning" if L.__name__ != "pytorch_lightning" else "pytorch_lightning")(
-        every_n_steps=every, at_start=True, at_end=True, keep_evals=True, on_backpressure="block",
+        every_n_steps=every,
+        at_start=True,
+        at_end=True,
+        keep_evals=True,
+        on_backpressure="block",
         sinks=[SpectraSink(log_dir / "esdwatch")],
     )
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[monitor],
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+    )
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(seed=0))
     return log_dir
 
@@ -68,14 +80,30 @@ def get_json(url: str):
         return json.loads(resp.read())
 
 
-def chromium(url: str, png: Path, width: int, height: int, profile: Path, budget_ms: int = 15000,
-             scale: float = 1.0) -> None:
+def chromium(
+    url: str, png: Path, width: int, height: int, profile: Path, budget_ms: int = 15000, scale: float = 1.0
+) -> None:
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--hide-scrollbars",
-         f"--window-size={width},{height}", f"--force-device-scale-factor={scale}",
-         f"--virtual-time-budget={budget_ms}", f"--screenshot={png}", url],
-        check=True, capture_output=True, timeout=300,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--hide-scrollbars",
+            f"--window-size={width},{height}",
+            f"--force-device-scale-factor={scale}",
+            f"--virtual-time-budget={budget_ms}",
+            f"--screenshot={png}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
 
 
@@ -113,8 +141,12 @@ def main(argv=None) -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     exe = shutil.which("tensorboard", path=str(Path(sys.executable).parent)) or "tensorboard"
-    server = subprocess.Popen([exe, "--logdir", str(log_dir.parent), "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [exe, "--logdir", str(log_dir.parent), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:

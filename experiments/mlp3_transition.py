@@ -20,15 +20,15 @@ eigenvalues of the scree plots and ESDs from the spectra it hands to its sinks
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common as C  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import common as C  # noqa: E402
 from esdwatch.reporting.figures import draw_esd  # noqa: E402
 
 NAME = "mlp3_transition"
@@ -50,8 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = C.mode_of(args)
     cfg = settings(mode)
     C.setup_torch(args)
-    res = C.Results(NAME, args, "Experiment 1: entropy and stable-rank transition of a 3-layer MLP",
-                    C.command_line("mlp3_transition.py", argv))
+    res = C.Results(
+        NAME,
+        args,
+        "Experiment 1: entropy and stable-rank transition of a 3-layer MLP",
+        C.command_line("mlp3_transition.py", argv),
+    )
     logs = C.LogRoot(args.log_dir, NAME)
     try:
         xtr, ytr, xte, yte = C.digits(seed=args.seed)
@@ -61,11 +65,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps_per_epoch = int(np.ceil(len(xtr) / cfg["batch"]))
         every = max(1, steps_per_epoch // cfg["snaps_per_epoch"])
         task = C.Task(net, lr=cfg["lr"], momentum=0.9)
-        run = C.train(task, (xtr, ytr), log_dir=logs.sub("run"), batch_size=cfg["batch"], max_epochs=cfg["epochs"],
-                      seed=args.seed, monitor=dict(every_n_steps=every), keep_evals_of=[f"net.{n}" for n in LAYERS],
-                      eval_sets={"train": (xtr, ytr), "test": (xte, yte)}, name=NAME)
-        print(f"trained {run.steps} steps in {run.train_s:.1f} s: train acc {run.metrics['train']:.3f}, "
-              f"test acc {run.metrics['test']:.3f}; {len(run.snapshot_steps)} snapshots")
+        run = C.train(
+            task,
+            (xtr, ytr),
+            log_dir=logs.sub("run"),
+            batch_size=cfg["batch"],
+            max_epochs=cfg["epochs"],
+            seed=args.seed,
+            monitor=dict(every_n_steps=every),
+            keep_evals_of=[f"net.{n}" for n in LAYERS],
+            eval_sets={"train": (xtr, ytr), "test": (xte, yte)},
+            name=NAME,
+        )
+        print(
+            f"trained {run.steps} steps in {run.train_s:.1f} s: train acc {run.metrics['train']:.3f}, "
+            f"test acc {run.metrics['test']:.3f}; {len(run.snapshot_steps)} snapshots"
+        )
         report(res, run, cfg, every, h)
         res.write()
     finally:
@@ -87,7 +102,8 @@ def report(res: C.Results, run: C.Run, cfg: dict, every: int, h: int) -> None:
         f"{run.metrics['train']:.3f}, test {run.metrics['test']:.3f}. Monitor: {int(run.monitor_stats.get('analysed', 0))} "
         f"snapshots analysed, {int(run.monitor_stats.get('skipped', 0))} skipped, analysis "
         f"{run.monitor_stats.get('analysis_wall_s', 0):.1f} s wall in the background worker; training took "
-        f"{run.train_s:.1f} s.")
+        f"{run.train_s:.1f} s."
+    )
 
     # ---- numbers: init vs end, monotonic trend
     rows, verdicts = [], []
@@ -97,15 +113,29 @@ def report(res: C.Results, run: C.Run, cfg: dict, every: int, h: int) -> None:
             c = C.rank_corr(s, v)
             v0, v1 = v[0], v[-1]
             vmin_step = s[int(np.nanargmin(v))] if np.isfinite(v).any() else None
-            rows.append([name, metric, C.fmt(v0, 3), C.fmt(v1, 3), C.fmt(100 * (v1 - v0) / abs(v0), 1) + " %",
-                         C.fmt(c["rho"], 2), C.fmt_p(c["rho_p"]), C.fmt(c["tau"], 2), vmin_step])
+            rows.append(
+                [
+                    name,
+                    metric,
+                    C.fmt(v0, 3),
+                    C.fmt(v1, 3),
+                    C.fmt(100 * (v1 - v0) / abs(v0), 1) + " %",
+                    C.fmt(c["rho"], 2),
+                    C.fmt_p(c["rho_p"]),
+                    C.fmt(c["tau"], 2),
+                    vmin_step,
+                ]
+            )
             if metric in ("entropy", "stable_rank"):
                 verdicts.append((name, metric, v0, v1, c))
-    res.add("## Metrics at initialization and at the end, and their trend over the snapshots\n\n"
-            "Spearman rho / Kendall tau of the metric against the training step over all snapshots "
-            "(negative: decreases as training proceeds).\n\n" +
-            C.md_table(["layer", "metric", "init", "end", "change", "Spearman rho", "p", "Kendall tau",
-                        "step of minimum"], rows))
+    res.add(
+        "## Metrics at initialization and at the end, and their trend over the snapshots\n\n"
+        "Spearman rho / Kendall tau of the metric against the training step over all snapshots "
+        "(negative: decreases as training proceeds).\n\n"
+        + C.md_table(
+            ["layer", "metric", "init", "end", "change", "Spearman rho", "p", "Kendall tau", "step of minimum"], rows
+        )
+    )
 
     # ---- phases over time
     prow = []
@@ -113,10 +143,11 @@ def report(res: C.Results, run: C.Run, cfg: dict, every: int, h: int) -> None:
         seq = [(r.global_step, r.report.phase) for r in run.records if r.name == name]
         seq.sort()
         changes = [seq[0]] + [b for a, b in zip(seq, seq[1:]) if a[1] != b[1]]
-        prow.append([name, " -> ".join(f"{p} (step {s})" for s, p in changes),
-                     C.phase_counts(p for _, p in seq)])
-    res.add("## Phase per snapshot (esdwatch's classifier)\n\n" +
-            C.md_table(["layer", "phase sequence (first step of each)", "snapshots per phase"], prow))
+        prow.append([name, " -> ".join(f"{p} (step {s})" for s, p in changes), C.phase_counts(p for _, p in seq)])
+    res.add(
+        "## Phase per snapshot (esdwatch's classifier)\n\n"
+        + C.md_table(["layer", "phase sequence (first step of each)", "snapshots per phase"], prow)
+    )
 
     # ---- figures: metric trajectories
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.0))
@@ -149,7 +180,9 @@ def report(res: C.Results, run: C.Run, cfg: dict, every: int, h: int) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    res.figure(fig, "scree", "Scree plots (singular values, descending) of FC1 and FC2 at initialization and at the end")
+    res.figure(
+        fig, "scree", "Scree plots (singular values, descending) of FC1 and FC2 at initialization and at the end"
+    )
 
     # ---- ESDs at init and end
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.2))
@@ -159,8 +192,12 @@ def report(res: C.Results, run: C.Run, cfg: dict, every: int, h: int) -> None:
             rec = recs[(step, name)]
             draw_esd(axes[row, col], rec, run.evals.get((step, name)), legend=(col == 1))
     fig.tight_layout()
-    res.figure(fig, "esd", "ESD of FC1 and FC2 at initialization (left) and at the end (right), with the monitor's "
-                           "MP fit of the bulk and power-law fit of the tail")
+    res.figure(
+        fig,
+        "esd",
+        "ESD of FC1 and FC2 at initialization (left) and at the end (right), with the monitor's "
+        "MP fit of the bulk and power-law fit of the tail",
+    )
 
     # ---- verdict
     lines = []
@@ -169,38 +206,59 @@ def report(res: C.Results, run: C.Run, cfg: dict, every: int, h: int) -> None:
         dec = v1 < v0 and c["rho"] < 0
         dec_all &= dec
         sig_all &= dec and c["rho_p"] < 0.05
-        lines.append(f"- {name.replace('net.', '').upper()} {metric}: {C.fmt(v0, 3)} at init -> {C.fmt(v1, 3)} at the "
-                     f"end ({'decreased' if v1 < v0 else 'did NOT decrease'}); trend over snapshots {C.corr_text(c)}.")
+        lines.append(
+            f"- {name.replace('net.', '').upper()} {metric}: {C.fmt(v0, 3)} at init -> {C.fmt(v1, 3)} at the "
+            f"end ({'decreased' if v1 < v0 else 'did NOT decrease'}); trend over snapshots {C.corr_text(c)}."
+        )
     if sig_all:
-        head = ("**Reproduced.** Both the matrix entropy and the stable rank of FC1 and FC2 decrease as training "
-                "proceeds away from the random initialization")
+        head = (
+            "**Reproduced.** Both the matrix entropy and the stable rank of FC1 and FC2 decrease as training "
+            "proceeds away from the random initialization"
+        )
     elif dec_all:
-        head = ("**Direction reproduced, not significant:** every metric decreases, but there are too few snapshots "
-                "for the trend to be significant")
+        head = (
+            "**Direction reproduced, not significant:** every metric decreases, but there are too few snapshots "
+            "for the trend to be significant"
+        )
     else:
         head = "**Not (fully) reproduced.** Not every metric decreases over training"
     alpha_note = []
     for name in names:
         s, a = run.series(name, "alpha")
         _, sr = run.series(name, "mp_softrank")
-        alpha_note.append(f"{name.replace('net.', '').upper()}: alpha {C.fmt(a[0], 2)} -> {C.fmt(a[-1], 2)}, "
-                          f"MP soft rank {C.fmt(sr[0], 2)} -> {C.fmt(sr[-1], 2)}, phase "
-                          f"{run.at(first)[name].report.phase} -> {run.at(last)[name].report.phase}")
+        alpha_note.append(
+            f"{name.replace('net.', '').upper()}: alpha {C.fmt(a[0], 2)} -> {C.fmt(a[-1], 2)}, "
+            f"MP soft rank {C.fmt(sr[0], 2)} -> {C.fmt(sr[-1], 2)}, phase "
+            f"{run.at(first)[name].report.phase} -> {run.at(last)[name].report.phase}"
+        )
     rel = {(n, m): 100 * (v1 - v0) / abs(v0) for n, m, v0, v1, _ in verdicts}
-    size = ("Sizes of the decrease: entropy " + ", ".join(f"{n.replace('net.', '').upper()} {rel[(n, 'entropy')]:+.0f}%"
-                                                         for n in names) +
-            " (the entropy of a wide random matrix is already close to 1 and moves little when a few directions "
-            "grow); stable rank " + ", ".join(f"{n.replace('net.', '').upper()} {rel[(n, 'stable_rank')]:+.0f}%"
-                                              for n in names) + ".")
-    res.add("## Verdict\n\n" + head + ":\n\n" + "\n".join(lines) + "\n\n" + size + "\n\n" +
-            "Alongside: " + "; ".join(alpha_note) + ". "
-            "The scree plots show the mechanism: training pulls a few large singular values out of the flat "
-            "random spectrum (the head of the scree curve rises) while the tail barely moves, so the spectral "
-            "energy concentrates (lower entropy) and ||W||_2 grows faster than ||W||_F (lower stable rank). "
-            "Caveats: digits is a small, easy task (the network fits the training set early), FC1 has only 64 "
-            "eigenvalues (64 input pixels), so its tail fit rests on few points; the decrease is of the same "
-            "nature as in the paper's MLP3 but its size depends on the learning rate and the training length "
-            "chosen here.")
+    size = (
+        "Sizes of the decrease: entropy "
+        + ", ".join(f"{n.replace('net.', '').upper()} {rel[(n, 'entropy')]:+.0f}%" for n in names)
+        + " (the entropy of a wide random matrix is already close to 1 and moves little when a few directions "
+        "grow); stable rank "
+        + ", ".join(f"{n.replace('net.', '').upper()} {rel[(n, 'stable_rank')]:+.0f}%" for n in names)
+        + "."
+    )
+    res.add(
+        "## Verdict\n\n"
+        + head
+        + ":\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + size
+        + "\n\n"
+        + "Alongside: "
+        + "; ".join(alpha_note)
+        + ". "
+        "The scree plots show the mechanism: training pulls a few large singular values out of the flat "
+        "random spectrum (the head of the scree curve rises) while the tail barely moves, so the spectral "
+        "energy concentrates (lower entropy) and ||W||_2 grows faster than ||W||_F (lower stable rank). "
+        "Caveats: digits is a small, easy task (the network fits the training set early), FC1 has only 64 "
+        "eigenvalues (64 input pixels), so its tail fit rests on few points; the decrease is of the same "
+        "nature as in the paper's MLP3 but its size depends on the learning rate and the training length "
+        "chosen here."
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,14 @@ from esdwatch.engine import synthetic
 from esdwatch.engine.phases import Phase, classify
 from esdwatch.engine.spectrum import eigenvalues
 
-PHASES = [Phase.RANDOM_LIKE, Phase.BLEEDING_OUT, Phase.BULK_PLUS_SPIKES, Phase.BULK_DECAY, Phase.HEAVY_TAILED,
-          Phase.RANK_COLLAPSE]
+PHASES = [
+    Phase.RANDOM_LIKE,
+    Phase.BLEEDING_OUT,
+    Phase.BULK_PLUS_SPIKES,
+    Phase.BULK_DECAY,
+    Phase.HEAVY_TAILED,
+    Phase.RANK_COLLAPSE,
+]
 SEED_BASE = 1_000_000
 RESULTS = Path(__file__).resolve().parent / "results" / "phase_benchmark.md"
 
@@ -93,15 +99,18 @@ def run(per_phase: int, n_lo: int, n_hi: int, q_hi: float, seed: int, verbose: b
 SWEEP_SHAPE = (1024, 512)
 SWEEPS = {
     "rank-one signal at rel = lambda_out / lambda_plus - 1 (`bleeding_out(rank=1, rel=...)`)": (
-        "rel", [0.01, 0.03, 0.06, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 3.0],
+        "rel",
+        [0.01, 0.03, 0.06, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 3.0],
         lambda v, N, M, s: synthetic.bleeding_out(N, M, seed=s, rank=1, rel=v),
     ),
     "Pareto entries with tail exponent mu (`heavy_tailed(mu=...)`)": (
-        "mu", [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0],
+        "mu",
+        [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0],
         lambda v, N, M, s: synthetic.heavy_tailed(N, M, seed=s, mu=v),
     ),
     "dead input units, fraction of M (`rank_collapse(mode='dead_units', dead_fraction=...)`)": (
-        "dead", [0.0, 0.1, 0.2, 0.3, 0.5],
+        "dead",
+        [0.0, 0.1, 0.2, 0.3, 0.5],
         lambda v, N, M, s: synthetic.rank_collapse(N, M, seed=s, mode="dead_units", dead_fraction=v),
     ),
 }
@@ -164,7 +173,9 @@ def render(rows, redraws, times, args) -> str:
         "`PhaseThresholds`.\n"
     )
     if redraws:
-        parts = [f"{ph.value}: {cnt} ({why})" for (ph, why), cnt in sorted(redraws.items(), key=lambda x: x[0][0].order)]
+        parts = [
+            f"{ph.value}: {cnt} ({why})" for (ph, why), cnt in sorted(redraws.items(), key=lambda x: x[0][0].order)
+        ]
         lines.append("Shapes redrawn: " + "; ".join(parts) + ".\n")
     lines.append("## Confusion matrix (rows: true phase, columns: predicted)\n")
     lines.append("| true \\ predicted | " + " | ".join(c.value for c in used) + " | accuracy |")
@@ -177,7 +188,9 @@ def render(rows, redraws, times, args) -> str:
         cells = [(f"**{cm[p][c]}**" if c is p else str(cm[p][c] or "")) for c in used]
         lines.append(f"| {p.value} | " + " | ".join(cells) + f" | {acc:.1%} |")
     overall = sum(cm[p][p] for p in PHASES) / n
-    lines.append(f"\nOverall accuracy {overall:.1%}; worst phase {min(accs.values()):.1%} (target: >= 95% on every phase).\n")
+    lines.append(
+        f"\nOverall accuracy {overall:.1%}; worst phase {min(accs.values()):.1%} (target: >= 95% on every phase).\n"
+    )
     lines.append(
         "What this measures: agreement between the classifier's rules and generators drawn from "
         "parameter ranges where the phase is unambiguous (`esdwatch.engine.synthetic` docstring). The ranges "
@@ -236,9 +249,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--quick", action="store_true", help="8 small matrices per phase, nothing written")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (1: on a shared 2-core machine more threads spin and "
-                    "make eigvalsh many times slower)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: on a shared 2-core machine more threads spin and "
+        "make eigvalsh many times slower)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:

@@ -184,8 +184,21 @@ report for the first steps of large-learning-rate training.
 
 # ---------------------------------------------------------------------------- reporting
 
-COLUMNS = ["name", "N", "M", "phase", "phase_confidence", "alpha", "mass_above_edge", "energy_above_edge",
-           "edge_ratio", "num_near_edge", "num_spikes", "num_traps", "rand_distance"]
+COLUMNS = [
+    "name",
+    "N",
+    "M",
+    "phase",
+    "phase_confidence",
+    "alpha",
+    "mass_above_edge",
+    "energy_above_edge",
+    "edge_ratio",
+    "num_near_edge",
+    "num_spikes",
+    "num_traps",
+    "rand_distance",
+]
 
 
 def _cell(v) -> str:
@@ -221,8 +234,10 @@ def print_report(title: str, report) -> None:
     print(f"\n== {title}: {len(report.layers)} layers, {len(report.skipped)} skipped ({report.elapsed_s:.1f} s)")
     print(f"   phases: {phase_counts(report)}")
     for r in report.layers:
-        print(f"   {short(r.name):32s} {r.N:6d} x {r.M:4d}  {r.phase:12s} conf {r.phase_confidence:4.2f}  "
-              f"alpha {r.alpha:6.2f}  traps {r.num_traps:3d}  {r.phase_reason[:90]}")
+        print(
+            f"   {short(r.name):32s} {r.N:6d} x {r.M:4d}  {r.phase:12s} conf {r.phase_confidence:4.2f}  "
+            f"alpha {r.alpha:6.2f}  traps {r.num_traps:3d}  {r.phase_reason[:90]}"
+        )
 
 
 def esd_figure(panels, path: Path) -> None:
@@ -291,8 +306,10 @@ def main(argv=None) -> int:
     panels = [("MiniLM random init: " + short(rand_layer.name), rand_layer)]
     for phase in ("Heavy-Tailed", "Bulk-decay", "Bleeding-out"):
         # the clearest example: an encoder layer with the highest confidence
-        pick = sorted((r for r in pre.layers if r.phase == phase and r.ok),
-                      key=lambda r: (not r.name.startswith("encoder"), -r.phase_confidence))
+        pick = sorted(
+            (r for r in pre.layers if r.phase == phase and r.ok),
+            key=lambda r: (not r.name.startswith("encoder"), -r.phase_confidence),
+        )
         if pick:
             panels.append((f"MiniLM: {short(pick[0].name)}", pick[0]))
     esd_figure(panels, RESULTS / "phases_real_models.png")
@@ -326,7 +343,9 @@ def main(argv=None) -> int:
         md.append(f"- {titles[key]}: " + (", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "none"))
         for a in alarms:
             if a.kind == "correlation_trap":
-                md.append(f"  - `{short(a.layer)}`: {int(a.value)} trap(s), largest entries {a.extra.get('entries', '')}")
+                md.append(
+                    f"  - `{short(a.layer)}`: {int(a.value)} trap(s), largest entries {a.extra.get('entries', '')}"
+                )
     md.append("")
     md.append("## Discussion\n")
     md.append("DISCUSSION_PLACEHOLDER\n")

@@ -24,20 +24,25 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common as C  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import common as C  # noqa: E402
-
 NAME = "quality_without_data"
-METRICS = (("alpha", "<alpha>"), ("alpha_weighted", "<alpha_hat>"), ("log_spectral_norm", "<log_spectral_norm>"),
-           ("log_norm", "<log_norm>"), ("log_alpha_norm", "<log_alpha_norm>"), ("stable_rank", "<stable_rank>"),
-           ("entropy", "<entropy>"))
+METRICS = (
+    ("alpha", "<alpha>"),
+    ("alpha_weighted", "<alpha_hat>"),
+    ("log_spectral_norm", "<log_spectral_norm>"),
+    ("log_norm", "<log_norm>"),
+    ("log_alpha_norm", "<log_alpha_norm>"),
+    ("stable_rank", "<stable_rank>"),
+    ("entropy", "<entropy>"),
+)
 MAIN_METRICS = ("alpha", "alpha_weighted", "log_spectral_norm", "log_norm")
 MOMENTUM = 0.9
 WELL_TRAINED = 0.9  # train accuracy of a model that (nearly) fits the training set
@@ -57,8 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = C.mode_of(args)
     cfg = settings(mode)
     C.setup_torch(args)
-    res = C.Results(NAME, args, "Experiment 4: model quality without data (Kendall tau of test accuracy vs "
-                                "spectral metrics)", C.command_line("quality_without_data.py", argv))
+    res = C.Results(
+        NAME,
+        args,
+        "Experiment 4: model quality without data (Kendall tau of test accuracy vs spectral metrics)",
+        C.command_line("quality_without_data.py", argv),
+    )
     logs = C.LogRoot(args.log_dir, NAME)
     models = []
     try:
@@ -67,17 +76,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             for lr in cfg["lrs"]:
                 torch.manual_seed(args.seed)
                 task = C.Task(C.MiniAlexNet(**cfg["net"]), lr=lr, momentum=MOMENTUM)
-                run = C.train(task, (xtr, ytr), log_dir=logs.sub(f"bs{bs}_lr{lr:g}"), batch_size=bs,
-                              max_epochs=cfg["epochs"], seed=args.seed,
-                              monitor=dict(every_n_epochs=cfg["epochs"], at_start=False), keep_evals_of=[],
-                              eval_sets={"train": (xtr, ytr), "test": (xte, yte)}, name=f"bs{bs}_lr{lr:g}")
+                run = C.train(
+                    task,
+                    (xtr, ytr),
+                    log_dir=logs.sub(f"bs{bs}_lr{lr:g}"),
+                    batch_size=bs,
+                    max_epochs=cfg["epochs"],
+                    seed=args.seed,
+                    monitor=dict(every_n_epochs=cfg["epochs"], at_start=False),
+                    keep_evals_of=[],
+                    eval_sets={"train": (xtr, ytr), "test": (xte, yte)},
+                    name=f"bs{bs}_lr{lr:g}",
+                )
                 summ = run.summary()
                 layers = run.at()
                 models.append(dict(bs=bs, lr=lr, run=run, summary=summ, layers=layers))
-                print(f"bs {bs:4d} lr {lr:<6g}: {run.steps:5d} steps {run.train_s:5.1f} s  train {run.metrics['train']:.3f} "
-                      f"test {run.metrics['test']:.3f}  <alpha> {C.fmt(summ['alpha'], 2)} <alpha_hat> "
-                      f"{C.fmt(summ['alpha_weighted'], 2)} <log_spectral_norm> {C.fmt(summ['log_spectral_norm'], 2)} "
-                      f"<log_norm> {C.fmt(summ['log_norm'], 2)}", flush=True)
+                print(
+                    f"bs {bs:4d} lr {lr:<6g}: {run.steps:5d} steps {run.train_s:5.1f} s  train {run.metrics['train']:.3f} "
+                    f"test {run.metrics['test']:.3f}  <alpha> {C.fmt(summ['alpha'], 2)} <alpha_hat> "
+                    f"{C.fmt(summ['alpha_weighted'], 2)} <log_spectral_norm> {C.fmt(summ['log_spectral_norm'], 2)} "
+                    f"<log_norm> {C.fmt(summ['log_norm'], 2)}",
+                    flush=True,
+                )
         report(res, models, cfg, len(xtr), len(xte))
         res.write()
     finally:
@@ -96,17 +116,27 @@ def report(res: C.Results, models: list[dict], cfg: dict, n_train: int, n_test: 
         f"{cfg['lrs']}, {cfg['epochs']} epochs each, one initialization. Each run had "
         f"`ESDMonitor(every_n_epochs={cfg['epochs']})` attached; the model metrics are the averages over the "
         f"analysed layers of its final snapshot's records (`esdwatch.schema.summarize`, what the monitor logs as "
-        f"`esdwatch/summary/*`). Test accuracy is measured on the held-out split after training.")
+        f"`esdwatch/summary/*`). Test accuracy is measured on the held-out split after training."
+    )
 
     rows = []
     for m in sorted(models, key=lambda m: -m["run"].metrics["test"]):
         s, run = m["summary"], m["run"]
         phases = ", ".join(r.report.phase for r in m["layers"].values())
-        rows.append([m["bs"], f"{m['lr']:g}", run.steps, C.fmt(run.metrics["train"]), C.fmt(run.metrics["test"])] +
-                    [C.fmt(s[k], 3) for k, _ in METRICS[:5]] + [phases])
-    res.add("## The models (sorted by test accuracy)\n\n" + C.md_table(
-        ["batch", "lr", "steps", "train acc", "test acc"] + [lbl for _, lbl in METRICS[:5]] +
-        [f"phases ({', '.join(layer_names)})"], rows))
+        rows.append(
+            [m["bs"], f"{m['lr']:g}", run.steps, C.fmt(run.metrics["train"]), C.fmt(run.metrics["test"])]
+            + [C.fmt(s[k], 3) for k, _ in METRICS[:5]]
+            + [phases]
+        )
+    res.add(
+        "## The models (sorted by test accuracy)\n\n"
+        + C.md_table(
+            ["batch", "lr", "steps", "train acc", "test acc"]
+            + [lbl for _, lbl in METRICS[:5]]
+            + [f"phases ({', '.join(layer_names)})"],
+            rows,
+        )
+    )
 
     test = [m["run"].metrics["test"] for m in models]
     well = [m for m in models if m["run"].metrics["train"] >= WELL_TRAINED]
@@ -128,18 +158,39 @@ def report(res: C.Results, models: list[dict], cfg: dict, n_train: int, n_test: 
             series_tau[group] = taus
         cw = C.rank_corr([m["summary"][key] for m in well], [m["run"].metrics["test"] for m in well])
         corr_well[key] = cw
-        crow.append([label, C.fmt(c["tau"], 2), C.fmt_p(c["tau_p"]), C.fmt(c["rho"], 2), C.fmt_p(c["rho_p"]),
-                     f"{C.fmt(cw['tau'], 2)} (p {C.fmt_p(cw['tau_p'])})",
-                     _series(series_tau["lr"]), _series(series_tau["bs"])])
-    res.add("## Kendall tau between each metric and test accuracy\n\n"
-            "Negative tau: models with a smaller metric have a higher test accuracy (the published direction for "
-            "<alpha> and <alpha_hat>). 'within series' columns: the mean (and range) of tau over the series that "
-            "share a learning rate (models differ by batch size) or share a batch size (differ by learning rate). "
-            f"'well-trained only': the {len(well)} models with train accuracy >= {WELL_TRAINED} (the published "
-            "tables compare converged models).\n\n"
-            + C.md_table(["metric", f"Kendall tau (n = {len(models)})", "p", "Spearman rho", "p",
-                          f"tau, well-trained only (n = {len(well)})", "within fixed-lr series",
-                          "within fixed-batch series"], crow))
+        crow.append(
+            [
+                label,
+                C.fmt(c["tau"], 2),
+                C.fmt_p(c["tau_p"]),
+                C.fmt(c["rho"], 2),
+                C.fmt_p(c["rho_p"]),
+                f"{C.fmt(cw['tau'], 2)} (p {C.fmt_p(cw['tau_p'])})",
+                _series(series_tau["lr"]),
+                _series(series_tau["bs"]),
+            ]
+        )
+    res.add(
+        "## Kendall tau between each metric and test accuracy\n\n"
+        "Negative tau: models with a smaller metric have a higher test accuracy (the published direction for "
+        "<alpha> and <alpha_hat>). 'within series' columns: the mean (and range) of tau over the series that "
+        "share a learning rate (models differ by batch size) or share a batch size (differ by learning rate). "
+        f"'well-trained only': the {len(well)} models with train accuracy >= {WELL_TRAINED} (the published "
+        "tables compare converged models).\n\n"
+        + C.md_table(
+            [
+                "metric",
+                f"Kendall tau (n = {len(models)})",
+                "p",
+                "Spearman rho",
+                "p",
+                f"tau, well-trained only (n = {len(well)})",
+                "within fixed-lr series",
+                "within fixed-batch series",
+            ],
+            crow,
+        )
+    )
 
     # ---- figure
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.3))
@@ -149,21 +200,33 @@ def report(res: C.Results, models: list[dict], cfg: dict, n_train: int, n_test: 
     markers = "os^Dv<>p"
     for ax, key in zip(axes, MAIN_METRICS):
         for m in models:
-            ax.scatter(m["summary"][key], m["run"].metrics["test"], color=cmap(lrs.index(m["lr"]) / max(1, len(lrs) - 1)),
-                       marker=markers[bss.index(m["bs"]) % len(markers)], s=36, edgecolors="k", linewidths=0.4)
+            ax.scatter(
+                m["summary"][key],
+                m["run"].metrics["test"],
+                color=cmap(lrs.index(m["lr"]) / max(1, len(lrs) - 1)),
+                marker=markers[bss.index(m["bs"]) % len(markers)],
+                s=36,
+                edgecolors="k",
+                linewidths=0.4,
+            )
         c = corr[key]
         ax.set_title(f"{dict(METRICS)[key]}: tau {C.fmt(c['tau'], 2)} (p {C.fmt_p(c['tau_p'])})", fontsize=9)
         ax.set_xlabel(dict(METRICS)[key])
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy")
-    handles = [plt.Line2D([], [], marker="o", ls="", color=cmap(i / max(1, len(lrs) - 1)), label=f"lr {lr:g}")
-               for i, lr in enumerate(lrs)]
-    handles += [plt.Line2D([], [], marker=markers[i % len(markers)], ls="", color="#888", label=f"batch {b}")
-                for i, b in enumerate(bss)]
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=cmap(i / max(1, len(lrs) - 1)), label=f"lr {lr:g}")
+        for i, lr in enumerate(lrs)
+    ]
+    handles += [
+        plt.Line2D([], [], marker=markers[i % len(markers)], ls="", color="#888", label=f"batch {b}")
+        for i, b in enumerate(bss)
+    ]
     axes[-1].legend(handles=handles, fontsize=6, loc="best")
     fig.tight_layout()
-    res.figure(fig, "scatter", "Test accuracy versus each layer-averaged metric; colour = learning rate, marker = "
-                               "batch size")
+    res.figure(
+        fig, "scatter", "Test accuracy versus each layer-averaged metric; colour = learning rate, marker = batch size"
+    )
 
     # ---- verdict
     lines = []
@@ -172,56 +235,87 @@ def report(res: C.Results, models: list[dict], cfg: dict, n_train: int, n_test: 
         label = dict(METRICS)[key]
         if c["tau_p"] < 0.05:
             direction = "smaller is better" if c["tau"] < 0 else "LARGER is better"
-            lines.append(f"- {label}: tau = {C.fmt(c['tau'], 2)} (p = {C.fmt_p(c['tau_p'])}), significant: {direction}.")
+            lines.append(
+                f"- {label}: tau = {C.fmt(c['tau'], 2)} (p = {C.fmt_p(c['tau_p'])}), significant: {direction}."
+            )
         else:
             lines.append(f"- {label}: tau = {C.fmt(c['tau'], 2)} (p = {C.fmt_p(c['tau_p'])}), not significant.")
     ah = corr["alpha_weighted"]
     if ah["tau"] <= -0.79 and ah["tau_p"] < 0.05:
-        head = ("**Reproduced:** <alpha_hat> ranks these models by test accuracy as strongly as the published "
-                "tables (tau <= -0.79).")
+        head = (
+            "**Reproduced:** <alpha_hat> ranks these models by test accuracy as strongly as the published "
+            "tables (tau <= -0.79)."
+        )
     elif ah["tau"] < 0 and ah["tau_p"] < 0.05:
-        head = ("**Partly reproduced:** <alpha_hat> ranks these models in the published direction (smaller is "
-                "better) and significantly, but more weakly than the published tau of -0.79 to -1.0.")
+        head = (
+            "**Partly reproduced:** <alpha_hat> ranks these models in the published direction (smaller is "
+            "better) and significantly, but more weakly than the published tau of -0.79 to -1.0."
+        )
     else:
-        head = ("**Not reproduced for <alpha_hat>:** over this hyperparameter grid, <alpha_hat> does not rank the "
-                "models by test accuracy in the published direction.")
+        head = (
+            "**Not reproduced for <alpha_hat>:** over this hyperparameter grid, <alpha_hat> does not rank the "
+            "models by test accuracy in the published direction."
+        )
     a, aw, hw = corr["alpha"], corr_well["alpha"], corr_well["alpha_weighted"]
     neg_hat = [m for m in models if m["summary"]["alpha_weighted"] < 0]
-    lines.append(f"- Well-trained models only (n = {len(well)}): <alpha> tau = {C.fmt(aw['tau'], 2)} (p = "
-                 f"{C.fmt_p(aw['tau_p'])}), <alpha_hat> tau = {C.fmt(hw['tau'], 2)} (p = {C.fmt_p(hw['tau_p'])}), "
-                 f"<log_norm> tau = {C.fmt(corr_well['log_norm']['tau'], 2)}, <log_spectral_norm> tau = "
-                 f"{C.fmt(corr_well['log_spectral_norm']['tau'], 2)}.")
+    lines.append(
+        f"- Well-trained models only (n = {len(well)}): <alpha> tau = {C.fmt(aw['tau'], 2)} (p = "
+        f"{C.fmt_p(aw['tau_p'])}), <alpha_hat> tau = {C.fmt(hw['tau'], 2)} (p = {C.fmt_p(hw['tau_p'])}), "
+        f"<log_norm> tau = {C.fmt(corr_well['log_norm']['tau'], 2)}, <log_spectral_norm> tau = "
+        f"{C.fmt(corr_well['log_spectral_norm']['tau'], 2)}."
+    )
     if a["tau"] < 0 and a["tau_p"] < 0.05:
-        holds = (f"What holds: <alpha> alone ranks the models in the published direction (smaller is better: tau = "
-                 f"{C.fmt(a['tau'], 2)} over all models, {C.fmt(aw['tau'], 2)} over the well-trained ones). ")
+        holds = (
+            f"What holds: <alpha> alone ranks the models in the published direction (smaller is better: tau = "
+            f"{C.fmt(a['tau'], 2)} over all models, {C.fmt(aw['tau'], 2)} over the well-trained ones). "
+        )
     else:
         holds = f"<alpha> alone does not rank the models significantly either (tau = {C.fmt(a['tau'], 2)}). "
     why = ""
     if corr["log_norm"]["tau"] > 0 and corr["log_norm"]["tau_p"] < 0.05:
-        why = ("What does not: the scale-dependent metrics. In the published setting the models of a series differ "
-               "by depth and width and are all trained to convergence on ImageNet; here one small architecture "
-               "differs only by optimizer hyperparameters on an easy 10-class task, and how far training moved the "
-               "weights from the random initialization is the main source of accuracy differences. Better-trained "
-               "models have *larger* norms and spectral norms (the learned spikes grow), so <log_norm> and "
-               "<log_spectral_norm> rank the models the opposite way, and <alpha_hat> = <alpha log10 lambda_max> "
-               "follows lambda_max more than alpha"
-               + (f"; for the {len(neg_hat)} least-trained models lambda_max < 1 in most layers, so log10 lambda_max < 0 there and "
-                  "their <alpha_hat> is negative (a large alpha times a negative log), which puts them at the "
-                  "'best' end of the <alpha_hat> scale" if neg_hat else "") +
-               ". This is a limitation of the norm-weighted metrics when models differ by training hyperparameters "
-               "rather than by architecture, not a failure of the measurement (esdwatch's alpha and norms match "
-               "weightwatcher to round-off, see `pretrained_minilm.md`). ")
+        why = (
+            "What does not: the scale-dependent metrics. In the published setting the models of a series differ "
+            "by depth and width and are all trained to convergence on ImageNet; here one small architecture "
+            "differs only by optimizer hyperparameters on an easy 10-class task, and how far training moved the "
+            "weights from the random initialization is the main source of accuracy differences. Better-trained "
+            "models have *larger* norms and spectral norms (the learned spikes grow), so <log_norm> and "
+            "<log_spectral_norm> rank the models the opposite way, and <alpha_hat> = <alpha log10 lambda_max> "
+            "follows lambda_max more than alpha"
+            + (
+                f"; for the {len(neg_hat)} least-trained models lambda_max < 1 in most layers, so log10 lambda_max < 0 there and "
+                "their <alpha_hat> is negative (a large alpha times a negative log), which puts them at the "
+                "'best' end of the <alpha_hat> scale"
+                if neg_hat
+                else ""
+            )
+            + ". This is a limitation of the norm-weighted metrics when models differ by training hyperparameters "
+            "rather than by architecture, not a failure of the measurement (esdwatch's alpha and norms match "
+            "weightwatcher to round-off, see `pretrained_minilm.md`). "
+        )
     low = [m for m in models if m["summary"]["alpha"] < 2]
     if low:
-        why += ("Outside the 'smaller is better' ranking: " + "; ".join(
-            f"batch {m['bs']}, lr {m['lr']:g} has <alpha> = {C.fmt(m['summary']['alpha'], 2)} (the smallest in the grid) "
-            f"but test accuracy {C.fmt(m['run'].metrics['test'], 3)}, with correlation traps in "
-            f"{sum(1 for r in m['layers'].values() if (r.report.num_traps or 0) > 0)} of {len(m['layers'])} layers"
-            for m in low) + ": the alpha < 2 region that HT-SR flags as over-trained / too large a learning rate, "
-            "which the monitor's alpha_low and correlation_trap alarms report. ")
-    res.add("## Verdict\n\n" + head + "\n\n" + "\n".join(lines) + "\n\n" + holds + why +
-            "The within-series columns show how stable each ranking is across subsets; with 3-4 models per series "
-            "each tau has a very wide uncertainty.")
+        why += (
+            "Outside the 'smaller is better' ranking: "
+            + "; ".join(
+                f"batch {m['bs']}, lr {m['lr']:g} has <alpha> = {C.fmt(m['summary']['alpha'], 2)} (the smallest in the grid) "
+                f"but test accuracy {C.fmt(m['run'].metrics['test'], 3)}, with correlation traps in "
+                f"{sum(1 for r in m['layers'].values() if (r.report.num_traps or 0) > 0)} of {len(m['layers'])} layers"
+                for m in low
+            )
+            + ": the alpha < 2 region that HT-SR flags as over-trained / too large a learning rate, "
+            "which the monitor's alpha_low and correlation_trap alarms report. "
+        )
+    res.add(
+        "## Verdict\n\n"
+        + head
+        + "\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + holds
+        + why
+        + "The within-series columns show how stable each ranking is across subsets; with 3-4 models per series "
+        "each tau has a very wide uncertainty."
+    )
 
 
 def _series(taus: list[float]) -> str:

@@ -18,8 +18,9 @@ run of the same schedule sees the same weights.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +35,14 @@ DDP_WIDTHS = (24, 64, 48, 32, 4)
 BATCHES_PER_EPOCH = 16
 
 #: Trainer arguments of every test run: CPU, one device, nothing printed or saved unless asked
-QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-             accelerator="cpu", devices=1)
+QUIET = dict(
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    accelerator="cpu",
+    devices=1,
+)
 
 
 def mlp(widths: Sequence[int] = WIDTHS) -> nn.Sequential:
@@ -62,8 +69,9 @@ class _NetBody:
     interrupted run).
     """
 
-    def __init__(self, widths: Sequence[int] = WIDTHS, raise_at: int | None = None,
-                 exc: type[BaseException] = RuntimeError):
+    def __init__(
+        self, widths: Sequence[int] = WIDTHS, raise_at: int | None = None, exc: type[BaseException] = RuntimeError
+    ):
         super().__init__()
         torch.manual_seed(0)
         self.net = mlp(widths)
@@ -113,8 +121,11 @@ def __getattr__(name: str) -> type:
     if name not in _CLASSES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     package, base, body = _CLASSES[name]
-    cls = type(name, (body, getattr(importlib.import_module(package), base)),
-               {"__module__": __name__, "__qualname__": name, "__doc__": body.__doc__})
+    cls = type(
+        name,
+        (body, getattr(importlib.import_module(package), base)),
+        {"__module__": __name__, "__qualname__": name, "__doc__": body.__doc__},
+    )
     globals()[name] = cls
     return cls
 

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from esdwatch.engine import synthetic
 from esdwatch.alarms import (
     ALPHA_HIGH,
     ALPHA_LOW,
@@ -20,16 +19,24 @@ from esdwatch.alarms import (
     AlarmRule,
     evaluate_alarms,
 )
+from esdwatch.engine import synthetic
 from esdwatch.engine.analyzer import analyze_matrix
 from esdwatch.engine.model_report import ModelReport
 from esdwatch.schema import LayerReport
 
 
-
-
 def layer(name: str = "L", **fields) -> LayerReport:
-    base = dict(name=name, kind="linear", N=200, M=100, Q=2.0, lambda_max=10.0, alpha=3.0,
-                rank_collapse_fraction=0.0, num_traps=0)
+    base = dict(
+        name=name,
+        kind="linear",
+        N=200,
+        M=100,
+        Q=2.0,
+        lambda_max=10.0,
+        alpha=3.0,
+        rank_collapse_fraction=0.0,
+        num_traps=0,
+    )
     base.update(fields)
     return LayerReport(**base)
 
@@ -127,8 +134,10 @@ def test_model_report_alarms_and_serialization():
 
 
 def test_custom_rules_and_step():
-    rules = [AlarmRule("stable_rank_low", "stable_rank", 5.0, above=False, severity="info"),
-             AlarmRule("alpha_ge_3", "alpha", 3.0, inclusive=True)]
+    rules = [
+        AlarmRule("stable_rank_low", "stable_rank", 5.0, above=False, severity="info"),
+        AlarmRule("alpha_ge_3", "alpha", 3.0, inclusive=True),
+    ]
     alarms = evaluate_alarms([layer(stable_rank=2.0, alpha=3.0)], rules, step=7)
     assert kinds(alarms) == ["alpha_ge_3", "stable_rank_low"]
     assert all(a.step == 7 for a in alarms)

@@ -42,7 +42,15 @@ def test_report_is_frozen_and_serializable():
     assert back[0]["name"] == "0" and "evals" not in back[0]
     assert LayerReport.from_dict(back[0]).alpha == pytest.approx(layer.alpha)
     summary = report.summary()
-    assert set(summary) >= {"alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank", "entropy"}
+    assert set(summary) >= {
+        "alpha",
+        "alpha_weighted",
+        "log_norm",
+        "log_spectral_norm",
+        "log_alpha_norm",
+        "stable_rank",
+        "entropy",
+    }
     assert summary["alpha"] == pytest.approx(np.mean([l.alpha for l in report]))
 
 

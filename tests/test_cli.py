@@ -1,7 +1,6 @@
 """`esdwatch analyze TARGET` on every kind of target, and its clean failures."""
 
 import json
-import os
 import subprocess
 import sys
 

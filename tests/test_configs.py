@@ -10,11 +10,18 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["--trainer.max_steps=12", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-          "--data.batch_size=32", "--model.hidden=[64, 64]",
-          # test-sized schedule: every 2 steps, never skipping a snapshot
-          "--trainer.callbacks.init_args.every_n_steps=2", "--trainer.callbacks.init_args.execution.on_backpressure=block"]
+COMMON = [
+    "--trainer.max_steps=12",
+    "--trainer.limit_val_batches=0",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.batch_size=32",
+    "--model.hidden=[64, 64]",
+    # test-sized schedule: every 2 steps, never skipping a snapshot
+    "--trainer.callbacks.init_args.every_n_steps=2",
+    "--trainer.callbacks.init_args.execution.on_backpressure=block",
+]
 
 
 def _cli(config: str, *args: str):
@@ -22,8 +29,13 @@ def _cli(config: str, *args: str):
 
     from esdwatch.demo import DigitsDataModule, DigitsMLP
 
-    return LightningCLI(DigitsMLP, DigitsDataModule, run=False, save_config_callback=None,
-                        args=["--config", str(ROOT / "configs" / config), *args])
+    return LightningCLI(
+        DigitsMLP,
+        DigitsDataModule,
+        run=False,
+        save_config_callback=None,
+        args=["--config", str(ROOT / "configs" / config), *args],
+    )
 
 
 def _monitor(cli):
@@ -46,9 +58,13 @@ def test_live_dashboard_config_writes_spectra_every_snapshot_and_figures_every_5
     from esdwatch.sinks import read_records
 
     torch.manual_seed(0)
-    cli = _cli("live_dashboard.yaml", *COMMON, f"--trainer.default_root_dir={tmp_path}",
-               f"--trainer.logger.init_args.save_dir={tmp_path / 'lightning_logs'}",
-               "--trainer.enable_checkpointing=false")
+    cli = _cli(
+        "live_dashboard.yaml",
+        *COMMON,
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'lightning_logs'}",
+        "--trainer.enable_checkpointing=false",
+    )
     cb = _monitor(cli)
     (logger,) = cli.trainer.loggers
     assert isinstance(logger, TensorBoardLogger) and logger.name == "live"
@@ -74,16 +90,25 @@ def test_long_run_guard_config_stops_training_on_rank_collapse(tmp_path):
 
     from esdwatch.sinks import read_alarms, read_records
 
-    cli = _cli("long_run_guard.yaml", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
-               *[a.replace("max_steps=12", "max_steps=40") for a in COMMON])
+    cli = _cli(
+        "long_run_guard.yaml",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+        *[a.replace("max_steps=12", "max_steps=40") for a in COMMON],
+    )
     cb = _monitor(cli)
     kw = {**vars(cb.options), **vars(cb.options.analysis)}  # the options, the analysis group flat
     # as written in the file (before the test's schedule override)
     raw = _cli("long_run_guard.yaml", f"--trainer.default_root_dir={tmp_path}")
     assert _monitor(raw).every_n_steps == "auto" and _monitor(raw).options.max_overhead == 0.02
     assert kw["traps"] is True
-    assert kw["alarm_actions"] == {"rank_collapse": "stop", "correlation_trap": "stop", "non_finite": "stop",
-                                   "alpha_low": "warn", "alpha_high": "warn"}
+    assert kw["alarm_actions"] == {
+        "rank_collapse": "stop",
+        "correlation_trap": "stop",
+        "non_finite": "stop",
+        "alpha_low": "warn",
+        "alpha_high": "warn",
+    }
     assert kw["alarm_patience"] == {"rank_collapse": 2, "correlation_trap": 2, "non_finite": 1}
     (ckpt,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
     assert ckpt.save_last is True

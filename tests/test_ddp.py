@@ -28,14 +28,13 @@ from torch import nn
 L = pytest.importorskip("lightning.pytorch")
 dist = pytest.importorskip("torch.distributed")
 
+import _lightning_helpers as H  # noqa: E402
 from esdwatch.engine.analyzer import analyze_layers  # noqa: E402
-from esdwatch.monitor.distributed import assign_owners, layer_cost  # noqa: E402
 from esdwatch.engine.layers import find_layers  # noqa: E402
 from esdwatch.lightning import ESDMonitor  # noqa: E402
 from esdwatch.monitor import Monitor  # noqa: E402
+from esdwatch.monitor.distributed import assign_owners, layer_cost  # noqa: E402
 from esdwatch.sinks.jsonl import read_alarms, read_distributed, read_records, read_segments  # noqa: E402
-
-import _lightning_helpers as H  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
@@ -43,8 +42,19 @@ pytestmark = pytest.mark.skipif(
 
 OPTS = dict(min_evals=8, traps=False, logger_sinks=False, on_backpressure="block")
 LAYERS = ["net.0", "net.2", "net.4"]  # net.6 (32 x 4) has M=4 < min_evals
-METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "entropy", "lambda_max",
-           "mp_sigma2", "lambda_plus", "num_spikes", "rank_collapse_fraction")
+METRICS = (
+    "alpha",
+    "alpha_weighted",
+    "log_norm",
+    "log_spectral_norm",
+    "stable_rank",
+    "entropy",
+    "lambda_max",
+    "mp_sigma2",
+    "lambda_plus",
+    "num_spikes",
+    "rank_collapse_fraction",
+)
 TIMEOUT_S = 240
 RESUME_EVERY = 4
 
@@ -68,9 +78,15 @@ class Report(L.Callback):
         mon = next(cb for cb in trainer.callbacks if isinstance(cb, ESDMonitor)).monitor
         ckpt = trainer.checkpoint_callback
         info = {
-            "rank": trainer.global_rank, "global_step": trainer.global_step, "should_stop": trainer.should_stop,
-            "layers_analysed": mon.stats["layers_analysed"], "exchanges": mon.stats["exchanges"],
-            "snapshots": mon.snapshots, "owners": mon.owners, "mode": mon.mode, "segment": mon.segment,
+            "rank": trainer.global_rank,
+            "global_step": trainer.global_step,
+            "should_stop": trainer.should_stop,
+            "layers_analysed": mon.stats["layers_analysed"],
+            "exchanges": mon.stats["exchanges"],
+            "snapshots": mon.snapshots,
+            "owners": mon.owners,
+            "mode": mon.mode,
+            "segment": mon.segment,
             "summary": mon.latest_summary,
             "best_model_score": None if ckpt is None or ckpt.best_model_score is None else float(ckpt.best_model_score),
             "best_model_path": None if ckpt is None else ckpt.best_model_path,
@@ -107,8 +123,9 @@ def _run_resume(out: str) -> None:
     root = Path(out)
     for prefix, max_steps, ckpt_path in (("first", 16, None), ("rank", 18, root / "ckpt" / "step=10.ckpt")):
         mon = ESDMonitor(every_n_steps=RESUME_EVERY, at_start=True, **OPTS)
-        ckpt = L.callbacks.ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=10, save_top_k=-1,
-                                           filename="{step}")
+        ckpt = L.callbacks.ModelCheckpoint(
+            dirpath=root / "ckpt", every_n_train_steps=10, save_top_k=-1, filename="{step}"
+        )
         trainer = _ddp_trainer(out, [mon, ckpt, Report(out, prefix)], max_steps, enable_checkpointing=True)
         trainer.fit(_model(), ckpt_path=ckpt_path)
         os.environ.pop("MASTER_PORT", None)  # a fresh port for the next fit's process group
@@ -123,9 +140,15 @@ def _run_scenario(scenario: str, out: str) -> None:
         return
     if scenario == "clean":
         mon = ESDMonitor(every_n_steps=5, at_start=True, **OPTS)
-        ckpt = L.callbacks.ModelCheckpoint(dirpath=root / "ckpt", monitor="esdwatch/summary/stable_rank", mode="max",
-                                           every_n_train_steps=5, save_top_k=2, filename="s{step}-sr{esdwatch/summary/stable_rank:.4f}",
-                                           auto_insert_metric_name=False)
+        ckpt = L.callbacks.ModelCheckpoint(
+            dirpath=root / "ckpt",
+            monitor="esdwatch/summary/stable_rank",
+            mode="max",
+            every_n_train_steps=5,
+            save_top_k=2,
+            filename="s{step}-sr{esdwatch/summary/stable_rank:.4f}",
+            auto_insert_metric_name=False,
+        )
         callbacks, max_steps = [mon, ckpt, Report(out)], 20
     elif scenario == "stop":
         rank1_layer = next(n for n, r in _owners().items() if r == 1)
@@ -160,12 +183,12 @@ def test_layer_cost_and_chunks_follow_torch_chunk():
     from esdwatch.monitor.distributed import _chunk_sizes
 
     mats = find_layers(_model(), min_evals=8)[0]
-    assert [layer_cost(m) for m in mats] == [64 * 24 ** 2, 64 * 48 ** 2, 48 * 32 ** 2]
+    assert [layer_cost(m) for m in mats] == [64 * 24**2, 64 * 48**2, 48 * 32**2]
     for n in (0, 1, 5, 53, 64):
         for parts in (1, 2, 3, 7):
             c, sizes = _chunk_sizes(n, parts)
             expected = [t.shape[0] for t in torch.arange(n).chunk(parts)] if n else []
-            assert sizes[:len(expected)] == expected and sum(sizes) == n and all(s <= c for s in sizes)
+            assert sizes[: len(expected)] == expected and sum(sizes) == n and all(s <= c for s in sizes)
 
 
 def test_fsdp_names_are_cleaned_and_unit_patterns_select_only_their_modules():
@@ -211,8 +234,17 @@ def _auto_worker(rank: int, world: int, out: str, port: int) -> None:
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(_net())
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = Monitor(model, every_n_steps="auto", max_overhead=0.5, rank=rank, world_size=world, log_dir=out,
-                  min_evals=8, traps=False, analyze_fn=_slow_on_rank1)
+    mon = Monitor(
+        model,
+        every_n_steps="auto",
+        max_overhead=0.5,
+        rank=rank,
+        world_size=world,
+        log_dir=out,
+        min_evals=8,
+        traps=False,
+        analyze_fn=_slow_on_rank1,
+    )
     g = torch.Generator().manual_seed(rank)
     taken, intervals = [], []
     mon.start()
@@ -229,10 +261,20 @@ def _auto_worker(rank: int, world: int, out: str, port: int) -> None:
             taken.append(step)
         intervals.append(mon.interval)
     mon.close()
-    Path(out, f"auto{rank}.json").write_text(json.dumps({
-        "taken": taken, "intervals": intervals, "final": mon.snapshots, "cost": mon.parts.budget.cost_ema,
-        "wall": mon.parts.budget.wall_ema, "last_step": step, "exchanges": mon.stats["exchanges"],
-        "skipped": mon.stats["skipped"]}))
+    Path(out, f"auto{rank}.json").write_text(
+        json.dumps(
+            {
+                "taken": taken,
+                "intervals": intervals,
+                "final": mon.snapshots,
+                "cost": mon.parts.budget.cost_ema,
+                "wall": mon.parts.budget.wall_ema,
+                "last_step": step,
+                "exchanges": mon.stats["exchanges"],
+                "skipped": mon.stats["skipped"],
+            }
+        )
+    )
     dist.destroy_process_group()
 
 
@@ -250,8 +292,14 @@ def _run_auto(out: str) -> None:
 def _spawn(scenario: str, tmp_path: Path) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, scenario, str(tmp_path)], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, scenario, str(tmp_path)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         out, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -348,25 +396,37 @@ def test_resume_under_ddp_spawn_continues_at_the_next_scheduled_step_with_one_re
     assert [r["snapshots"] for r in first] == [5, 5] and [r["snapshots"] for r in resumed] == [6, 6]
     records = read_records(out)
     got = [(r.global_step, r.name, r.segment) for r in records]
-    expected = ([(s, n, 0) for s in (0, 4, 8) for n in LAYERS]
-                + [(s, n, 1) for s in (12, 16, 18) for n in LAYERS])
+    expected = [(s, n, 0) for s in (0, 4, 8) for n in LAYERS] + [(s, n, 1) for s in (12, 16, 18) for n in LAYERS]
     assert got == expected  # exactly one record per (step, layer): nothing missing, nothing twice
     assert all(r.report.status == "ok" and math.isfinite(r.report.alpha) for r in records)
     raw = [(r.global_step, r.name, r.segment) for r in read_records(out, dedupe=False)]
     assert len(raw) == len(set(raw))  # rank 0 alone wrote, each snapshot once per segment
-    assert sorted({(s, g) for s, _, g in raw}) == [(0, 0), (4, 0), (8, 0), (12, 0), (12, 1), (16, 0), (16, 1),
-                                                  (18, 1)]  # the first run's 12 and 16 are superseded, not erased
+    assert sorted({(s, g) for s, _, g in raw}) == [
+        (0, 0),
+        (4, 0),
+        (8, 0),
+        (12, 0),
+        (12, 1),
+        (16, 0),
+        (16, 1),
+        (18, 1),
+    ]  # the first run's 12 and 16 are superseded, not erased
     assert [(s["segment"], s["resumed_from_step"]) for s in read_segments(out)] == [(0, None), (1, 10)]
     # after the resume both ranks still shared the layers, and every part reached rank 0
     owners = _owners()
     for d in read_distributed(out):
         assert d["owners"] == owners and all(r["received"] and r["layers"] > 0 for r in d["ranks"])
     assert [(d["segment"], d["global_step"]) for d in read_distributed(out) if d["segment"] == 1] == [
-        (1, 12), (1, 16), (1, 18)]
+        (1, 12),
+        (1, 16),
+        (1, 18),
+    ]
     # the resumed weights continued from the checkpoint: the final records equal an analysis of the final weights
     model = _model()
     model.load_state_dict(torch.load(tmp_path / "final.pt"))
-    expected_reports = analyze_layers(find_layers(model, min_evals=8)[0], Monitor(None, min_evals=8, traps=False).config)
+    expected_reports = analyze_layers(
+        find_layers(model, min_evals=8)[0], Monitor(None, min_evals=8, traps=False).config
+    )
     final = [r.report for r in records if r.global_step == 18]
     for got_r, want in zip(final, expected_reports, strict=True):
         for m in METRICS:

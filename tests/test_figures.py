@@ -14,19 +14,19 @@ import textwrap
 import numpy as np
 import pytest
 
-from esdwatch.reporting import figures as F
 from esdwatch import analyze_matrix
 from esdwatch.engine.phases import Phase
-from esdwatch.schema import LayerRecord
-from esdwatch.reporting.figures import layer_order
-from esdwatch.schema import PHASES, log10_histogram, phase_name, phase_ordinal
 from esdwatch.engine.synthetic import make_phase_matrix
+from esdwatch.reporting import figures as F
+from esdwatch.reporting.figures import layer_order
+from esdwatch.schema import PHASES, LayerRecord, log10_histogram, phase_name, phase_ordinal
 
 
 @pytest.fixture(scope="module")
 def heavy():
-    rep = analyze_matrix(make_phase_matrix("Heavy-Tailed", 200, 100, seed=3), name="encoder.fc1", keep_evals=True,
-                         traps=False)
+    rep = analyze_matrix(
+        make_phase_matrix("Heavy-Tailed", 200, 100, seed=3), name="encoder.fc1", keep_evals=True, traps=False
+    )
     assert rep.phase == "Heavy-Tailed" and rep.evals is not None
     return rep
 
@@ -136,8 +136,9 @@ def test_esd_figure_without_eigenvalues_draws_the_fits_and_says_so(heavy):
 
 
 def test_esd_pair_figure_shares_the_x_range(heavy):
-    early = analyze_matrix(make_phase_matrix("Random-like", 200, 100, seed=4), name="encoder.fc1", keep_evals=True,
-                           traps=False)
+    early = analyze_matrix(
+        make_phase_matrix("Random-like", 200, 100, seed=4), name="encoder.fc1", keep_evals=True, traps=False
+    )
     fig = F.esd_pair_figure(LayerRecord(0, 0, 0.0, early), LayerRecord(500, 3, 0.0, heavy))
     left, right = fig.axes
     assert left.get_xlim() == right.get_xlim()
@@ -184,7 +185,7 @@ def test_phase_map_cells_legend_and_pixels(heavy):
             pixel = rgb[int(round(height - y)), int(round(x))].astype(int)
             name = "Unknown" if k == -1 else (PHASES[k] if k is not None else None)
             color = F.PHASE_COLORS[name] if name else F.ABSENT_COLOR
-            want = np.array([int(color[c:c + 2], 16) for c in (1, 3, 5)])
+            want = np.array([int(color[c : c + 2], 16) for c in (1, 3, 5)])
             assert np.abs(pixel - want).max() <= 3, (names[i], steps[j], pixel, color)
 
 
@@ -200,8 +201,11 @@ def test_phase_map_subsamples_columns_keeping_first_and_last(heavy):
 
 def test_trajectory_figure_one_line_per_layer_with_the_values(heavy):
     names = ["l0", "l1", "l2"]
-    recs = [LayerRecord(s, 0, 0.0, heavy.replace(name=n, alpha=2.0 + i + s / 100)) for s in (0, 100, 200)
-            for i, n in enumerate(names)]
+    recs = [
+        LayerRecord(s, 0, 0.0, heavy.replace(name=n, alpha=2.0 + i + s / 100))
+        for s in (0, 100, 200)
+        for i, n in enumerate(names)
+    ]
     fig = F.trajectory_figure(recs, "alpha")
     ax = fig.axes[0]
     lines = {ln.get_label(): ln for ln in ax.get_lines()}

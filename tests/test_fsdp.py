@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -39,8 +38,19 @@ pytestmark = pytest.mark.skipif(
 
 OPTS = dict(min_evals=8, traps=False, on_backpressure="block", every_n_steps=5, at_start=True)
 STEPS = 20
-METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "entropy", "lambda_max",
-           "mp_sigma2", "lambda_plus", "num_spikes", "num_evals")
+METRICS = (
+    "alpha",
+    "alpha_weighted",
+    "log_norm",
+    "log_spectral_norm",
+    "stable_rank",
+    "entropy",
+    "lambda_max",
+    "mp_sigma2",
+    "lambda_plus",
+    "num_spikes",
+    "num_evals",
+)
 TIMEOUT_S = 240
 TEARDOWN_ABORT = "terminate called without an active exception"
 
@@ -49,8 +59,17 @@ def _model() -> nn.Sequential:
     # an odd size (53) gives uneven shards; the conv kernel is a pooled (3, 16, 4) matrix
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 53), nn.ReLU(), nn.Linear(53, 36), nn.ReLU(),
-        nn.Unflatten(1, (4, 9)), nn.Conv1d(4, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 7, 12),
+        nn.Linear(40, 64),
+        nn.ReLU(),
+        nn.Linear(64, 53),
+        nn.ReLU(),
+        nn.Linear(53, 36),
+        nn.ReLU(),
+        nn.Unflatten(1, (4, 9)),
+        nn.Conv1d(4, 16, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 7, 12),
     )
 
 
@@ -61,9 +80,9 @@ def _worker(rank: int, world: int, out: str, kind: str, port: int) -> None:
     import torch.distributed as dist
 
     from esdwatch.engine.analyzer import analyze_layers
-    from esdwatch.monitor.distributed import clean_fsdp_name, gather_to_owner, is_dtensor
     from esdwatch.engine.layers import find_layers
     from esdwatch.monitor import Monitor
+    from esdwatch.monitor.distributed import clean_fsdp_name, gather_to_owner, is_dtensor
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -83,8 +102,12 @@ def _worker(rank: int, world: int, out: str, kind: str, port: int) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({nn.Linear, nn.Conv1d}), device_id=torch.device("cpu"),
-                       use_orig_params=kind == "fsdp1")  # "fsdp1-flat": use_orig_params=False
+        wrapped = FSDP(
+            model,
+            auto_wrap_policy=ModuleWrapPolicy({nn.Linear, nn.Conv1d}),
+            device_id=torch.device("cpu"),
+            use_orig_params=kind == "fsdp1",
+        )  # "fsdp1-flat": use_orig_params=False
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(rank)
     mon = Monitor(wrapped, rank=rank, world_size=world, log_dir=out, **OPTS)
@@ -97,8 +120,14 @@ def _worker(rank: int, world: int, out: str, kind: str, port: int) -> None:
         opt.step()
         mon.step(step)
     mon.close()
-    info = {"rank": rank, "mode": mon.mode, "owners": mon.owners, "bytes_copied": mon.stats["bytes_copied"],
-            "layers_analysed": mon.stats["layers_analysed"], "snapshots": mon.snapshots}
+    info = {
+        "rank": rank,
+        "mode": mon.mode,
+        "owners": mon.owners,
+        "bytes_copied": mon.stats["bytes_copied"],
+        "layers_analysed": mon.stats["layers_analysed"],
+        "snapshots": mon.snapshots,
+    }
     # reference: the unsharded final weights, through torch's own unsharding
     config = mon.config
     if kind == "fsdp2":
@@ -108,7 +137,7 @@ def _worker(rank: int, world: int, out: str, kind: str, port: int) -> None:
         # gather_to_owner: only the owner receives the matrix
         got = [gather_to_owner(m.weight, 1, rank) for m in mats]
         info["gather_to_owner_none_on_non_owner"] = all(t is None for t in got) if rank == 0 else None
-        info["gather_to_owner_equal"] = (all(torch.equal(a, b) for a, b in zip(got, full)) if rank == 1 else None)
+        info["gather_to_owner_equal"] = all(torch.equal(a, b) for a, b in zip(got, full)) if rank == 1 else None
         ref = [dataclasses.replace(m, weight=w) for m, w in zip(mats, full)]
     else:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -141,8 +170,14 @@ def _free_port() -> int:
 
 def _spawn(kind: str, tmp_path: Path) -> tuple[dict, dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, __file__, kind, str(tmp_path), str(_free_port())], env=env,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, kind, str(tmp_path), str(_free_port())],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         out, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -17,32 +17,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from esdwatch import cli
+from esdwatch import analyze_matrix, cli
 from esdwatch.alarms import Alarm
-from esdwatch import analyze_matrix
+from esdwatch.engine.synthetic import make_phase_matrix
 from esdwatch.reporting.figures import PHASE_COLORS
 from esdwatch.reporting.html import build_report
-from esdwatch.schema import LayerRecord
+from esdwatch.schema import LayerRecord, phase_name
 from esdwatch.sinks.jsonl import JsonlSink, read_records
-from esdwatch.schema import phase_name
 from esdwatch.sinks.spectra import SpectraSink, read_spectra
-from esdwatch.engine.synthetic import make_phase_matrix
 
 pytest.importorskip("matplotlib")
 
 CHROMIUM = "/usr/bin/chromium"
 LAYERS = ("embed", "block.0.mlp", "head")
 # phase of each layer at each step of segment 0, then of the resumed segment 1
-SEG0 = {0: ("Random-like",) * 3, 10: ("Random-like", "Bulk+Spikes", "Bulk+Spikes"),
-        20: ("Bulk+Spikes", "Bulk-decay", "Heavy-Tailed"), 30: ("Bulk+Spikes", "Bulk-decay", "Rank-collapse")}
+SEG0 = {
+    0: ("Random-like",) * 3,
+    10: ("Random-like", "Bulk+Spikes", "Bulk+Spikes"),
+    20: ("Bulk+Spikes", "Bulk-decay", "Heavy-Tailed"),
+    30: ("Bulk+Spikes", "Bulk-decay", "Rank-collapse"),
+}
 SEG1 = {30: ("Bulk+Spikes", "Heavy-Tailed", "Heavy-Tailed"), 40: ("Bulk-decay", "Heavy-Tailed", "Heavy-Tailed")}
 
 
 def _records(step: int, phases, segment: int) -> list[LayerRecord]:
     return [
-        LayerRecord(step, step // 10, 1_700_000_000.0 + step,
-                    analyze_matrix(make_phase_matrix(p, 120, 60, seed=step + i), name=name, keep_evals=True,
-                                   traps=False), segment)
+        LayerRecord(
+            step,
+            step // 10,
+            1_700_000_000.0 + step,
+            analyze_matrix(make_phase_matrix(p, 120, 60, seed=step + i), name=name, keep_evals=True, traps=False),
+            segment,
+        )
         for i, (name, p) in enumerate(zip(LAYERS, phases))
     ]
 
@@ -65,10 +71,20 @@ def run_root(tmp_path_factory) -> Path:
     """A run interrupted after step 30, resumed from its step-20 checkpoint, still writing."""
     root = tmp_path_factory.mktemp("run") / "version_3"
     out = root / "esdwatch"
-    _write(out, SEG0, alarms=[Alarm("rank_collapse", "head", 0.8, 0.5, "head: rank collapse <b>", "error", 20),
-                              Alarm("alpha_low", "embed", 1.9, 2.0, "superseded alarm", step=30)])
-    _write(out, SEG1, resumed_from_step=20,
-           alarms=[Alarm("alpha_low", "block.0.mlp", 1.8, 2.0, "block.0.mlp: alpha = 1.8 < 2", step=40)])
+    _write(
+        out,
+        SEG0,
+        alarms=[
+            Alarm("rank_collapse", "head", 0.8, 0.5, "head: rank collapse <b>", "error", 20),
+            Alarm("alpha_low", "embed", 1.9, 2.0, "superseded alarm", step=30),
+        ],
+    )
+    _write(
+        out,
+        SEG1,
+        resumed_from_step=20,
+        alarms=[Alarm("alpha_low", "block.0.mlp", 1.8, 2.0, "block.0.mlp: alpha = 1.8 < 2", step=40)],
+    )
     with open(out / "records.jsonl", "ab") as fh:  # the next snapshot, half written
         fh.write(b'{"global_step": 50, "epoch": 5, "wall_ti')
     return root
@@ -149,12 +165,15 @@ def test_report_without_spectra_draws_fits_and_says_so(tmp_path):
     assert len(_srcs(page)) == 4 + 3
 
 
-@pytest.mark.parametrize("setup, message", [
-    ("missing", "no such file or directory"),
-    ("empty_dir", "no records.jsonl in this directory"),
-    ("no_records", "no records yet"),
-    ("two_runs", "2 runs below this directory"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("missing", "no such file or directory"),
+        ("empty_dir", "no records.jsonl in this directory"),
+        ("no_records", "no records yet"),
+        ("two_runs", "2 runs below this directory"),
+    ],
+)
 def test_report_errors_are_one_line_and_exit_2(tmp_path, capsys, setup, message):
     target = tmp_path / "logs"
     if setup != "missing":
@@ -175,14 +194,26 @@ def test_report_errors_are_one_line_and_exit_2(tmp_path, capsys, setup, message)
 
 def _chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     profile = cwd / "chromium-profile"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=cwd)
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                    reason=f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium) to render "
-                           "the report in a real browser")
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM),
+    reason=f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium) to render "
+    "the report in a real browser",
+)
 def test_report_renders_in_headless_chromium_with_every_image_loaded(run_root, tmp_path):
     import matplotlib.image
 
@@ -190,11 +221,13 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(run_root, t
     # every <img> of the page, as the browser loaded it: a copy of the page that records,
     # on load, how many images decoded (complete with a natural size)
     probe = page.with_name("probe.html")
-    script = ("<script>window.addEventListener('load',()=>{const im=[...document.images];"
-              "document.body.setAttribute('data-total',im.length);"
-              "document.body.setAttribute('data-loaded',im.filter(i=>i.complete&&i.naturalWidth>0).length);"
-              "document.body.setAttribute('data-broken',im.filter(i=>!(i.complete&&i.naturalWidth>0))"
-              ".map(i=>i.getAttribute('src')).join(' '));});</script>")
+    script = (
+        "<script>window.addEventListener('load',()=>{const im=[...document.images];"
+        "document.body.setAttribute('data-total',im.length);"
+        "document.body.setAttribute('data-loaded',im.filter(i=>i.complete&&i.naturalWidth>0).length);"
+        "document.body.setAttribute('data-broken',im.filter(i=>!(i.complete&&i.naturalWidth>0))"
+        ".map(i=>i.getAttribute('src')).join(' '));});</script>"
+    )
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
     dom = _chromium("--virtual-time-budget=10000", "--dump-dom", probe.as_uri(), cwd=tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -212,7 +245,7 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(run_root, t
     rgb = (pixels * 255).round().astype(int).reshape(-1, 3)
     seen = Counter(phase_name(r.report.phase) for r in read_records(run_root))
     for phase, _ in seen.most_common(2):  # the phase map and the table chips are on screen
-        want = np.array([int(PHASE_COLORS[phase][i:i + 2], 16) for i in (1, 3, 5)])
+        want = np.array([int(PHASE_COLORS[phase][i : i + 2], 16) for i in (1, 3, 5)])
         assert (np.abs(rgb - want).max(axis=1) <= 4).sum() > 200, phase
     if os.environ.get("ESDWATCH_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["ESDWATCH_KEEP_SCREENSHOT"])

@@ -18,7 +18,6 @@ from torch import nn
 from esdwatch.engine.layers import LayerMatrix, find_layers, iter_layers
 from esdwatch.schema import SkippedLayer
 
-
 # ----------------------------------------------------------------------------- fixtures
 
 
@@ -258,7 +257,9 @@ def test_include_exclude_glob_and_regex(toy):
     sl = [m.name for m in find_layers(toy, include="conv2", conv_mode="slices", min_evals=8)[0]]
     assert sl == [f"conv2[{i},{j}]" for i in range(3) for j in range(2)]
     assert [m.name for m in find_layers(toy, include="conv2[1,*", conv_mode="slices", min_evals=8)[0]] == [
-        "conv2[1,0]", "conv2[1,1]"]
+        "conv2[1,0]",
+        "conv2[1,1]",
+    ]
     # filtered-out layers are not "skipped": the user asked
     mats, skipped = find_layers(toy, include="lin", min_evals=8)
     assert [m.name for m in mats] == ["lin"] and skipped == []
@@ -270,8 +271,14 @@ def test_types_filter(toy):
     kinds = lambda types: [(m.name, m.kind) for m in find_layers(toy, types=types, min_evals=8)[0]]  # noqa: E731
     assert kinds({"conv2d"}) == [("conv2", "conv2d"), ("gconv", "conv2d")]
     assert [n for n, _ in kinds({"attention", "lora"})] == [
-        "mha.in_proj.q", "mha.in_proj.k", "mha.in_proj.v", "mha_kv.q_proj", "mha_kv.k_proj", "mha_kv.v_proj",
-        "lora.lora_BA"]
+        "mha.in_proj.q",
+        "mha.in_proj.k",
+        "mha.in_proj.v",
+        "mha_kv.q_proj",
+        "mha_kv.k_proj",
+        "mha_kv.v_proj",
+        "lora.lora_BA",
+    ]
     assert [n for n, _ in kinds({nn.Embedding, "hf_conv1d"})] == ["embed", "hf"]
     # a class matches subclasses: NonDynamicallyQuantizableLinear is an nn.Linear
     lin = [n for n, _ in kinds(nn.Linear)]
@@ -310,11 +317,13 @@ def test_min_max_evals_reasons():
 
 def test_lora_variants():
     torch.manual_seed(4)
-    model = nn.ModuleDict({
-        "multi": PeftLoraLinear(64, 96, 16, adapters=("default", "other")),
-        "loralib": LoralibLinear(64, 80, 12),
-        "small": PeftLoraLinear(64, 80, 4),
-    })
+    model = nn.ModuleDict(
+        {
+            "multi": PeftLoraLinear(64, 96, 16, adapters=("default", "other")),
+            "loralib": LoralibLinear(64, 80, 12),
+            "small": PeftLoraLinear(64, 80, 4),
+        }
+    )
     mats, skipped = find_layers(model, min_evals=8)
     assert [(m.name, m.kind, m.N, m.M) for m in mats] == [
         ("multi.base_layer", "linear", 96, 64),
@@ -363,7 +372,9 @@ def test_uninitialized_meta_shared_and_wrappers():
     mats, skipped = find_layers(nn.ModuleDict({"a": lora, "b": lora}), min_evals=8)
     assert [m.name for m in mats] == ["a.base_layer", "a.lora_BA"]
     assert [(s.name, s.reason) for s in skipped] == [
-        ("b.base_layer", "tied to a.base_layer"), ("b.lora_BA", "tied to a.lora_BA")]
+        ("b.base_layer", "tied to a.base_layer"),
+        ("b.lora_BA", "tied to a.lora_BA"),
+    ]
 
     # a *Linear* class whose weight is not a matrix is reported, not guessed at
     (s,) = find_layers(nn.Bilinear(64, 64, 64))[1]
@@ -433,10 +444,14 @@ def test_minilm_39_matrices(minilm):
         mats, skipped = find_layers(minilm, min_evals=min_evals)
         assert len(mats) == 39
         assert [(s.name, s.kind, s.shape, s.reason) for s in skipped] == [
-            ("embeddings.token_type_embeddings", "embedding", (2, 384), f"M=2 < min_evals={min_evals}")]
+            ("embeddings.token_type_embeddings", "embedding", (2, 384), f"M=2 < min_evals={min_evals}")
+        ]
     names = [m.name for m in mats]
-    assert names[:3] == ["embeddings.word_embeddings", "embeddings.position_embeddings",
-                         "encoder.layer.0.attention.self.query"]
+    assert names[:3] == [
+        "embeddings.word_embeddings",
+        "embeddings.position_embeddings",
+        "encoder.layer.0.attention.self.query",
+    ]
     assert names[-1] == "pooler.dense"
     assert sum(m.kind == "linear" for m in mats) == 37 and (mats[0].N, mats[0].M) == (30522, 384)
     ffn = _by_name(mats)["encoder.layer.5.output.dense"]

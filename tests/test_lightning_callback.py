@@ -19,13 +19,12 @@ import torch
 
 L = pytest.importorskip("lightning.pytorch")
 
+import _lightning_helpers as H  # noqa: E402
 from esdwatch.engine.analyzer import analyze_layers  # noqa: E402
 from esdwatch.lightning import ESDMonitor, LightningESDMonitor  # noqa: E402
 from esdwatch.monitor import EsdwatchError, EsdwatchWarning  # noqa: E402
 from esdwatch.schema import summarize  # noqa: E402
 from esdwatch.sinks.jsonl import read_alarms, read_records  # noqa: E402
-
-import _lightning_helpers as H  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTS = dict(min_evals=8, traps=False, logger_sinks=False)
@@ -49,29 +48,37 @@ def _valid_json_lines(path: Path) -> list[dict]:
 def test_records_at_exactly_the_scheduled_steps_and_monitorable_summaries(tmp_path):
     assert ESDMonitor is LightningESDMonitor and issubclass(ESDMonitor, L.Callback)
     cb = ESDMonitor(every_n_steps=5, at_start=True, on_backpressure="block", **OPTS)
-    ckpt = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="esdwatch/summary/stable_rank",
-                                       mode="max", every_n_train_steps=5)
+    ckpt = L.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="esdwatch/summary/stable_rank", mode="max", every_n_train_steps=5
+    )
     trainer = _trainer(tmp_path, [cb, ckpt], enable_checkpointing=True)
     model = H.net()
     trainer.fit(model)
     assert trainer.global_step == 23
     # 16 batches per epoch: steps 20 and 23 are in epoch 1
-    assert _steps(tmp_path) == [(s, e, n) for s, e in [(0, 0), (5, 0), (10, 0), (15, 0), (20, 1), (23, 1)]
-                                for n in ("net.0", "net.2")]
+    assert _steps(tmp_path) == [
+        (s, e, n) for s, e in [(0, 0), (5, 0), (10, 0), (15, 0), (20, 1), (23, 1)] for n in ("net.0", "net.2")
+    ]
     records = read_records(tmp_path / "esdwatch")
     final = [r.report for r in records if r.global_step == 23]
     # the final record is the analysis of the final weights
     from esdwatch.engine.layers import find_layers
 
     expected = analyze_layers(find_layers(model, min_evals=8)[0], cb.monitor.config)
-    assert [(r.alpha, r.stable_rank, r.entropy) for r in final] == [(r.alpha, r.stable_rank, r.entropy) for r in expected]
+    assert [(r.alpha, r.stable_rank, r.entropy) for r in final] == [
+        (r.alpha, r.stable_rank, r.entropy) for r in expected
+    ]
     # the model-level averages of a snapshot are in callback_metrics, where ModelCheckpoint found one
-    logged = {k.rsplit("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items()
-              if k.startswith("esdwatch/summary/")}
+    logged = {
+        k.rsplit("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("esdwatch/summary/")
+    }
     summaries = {s: summarize([r.report for r in records if r.global_step == s]) for s in (0, 5, 10, 15, 20, 23)}
-    matching = [s for s, summ in summaries.items()
-                if set(logged) == {k for k, v in summ.items() if math.isfinite(v)}
-                and all(abs(summ[k] - v) <= 1e-5 * max(1.0, abs(v)) for k, v in logged.items())]
+    matching = [
+        s
+        for s, summ in summaries.items()
+        if set(logged) == {k for k, v in summ.items() if math.isfinite(v)}
+        and all(abs(summ[k] - v) <= 1e-5 * max(1.0, abs(v)) for k, v in logged.items())
+    ]
     assert matching and set(logged) >= {"alpha", "alpha_weighted", "stable_rank", "entropy", "log_norm"}
     assert ckpt.best_model_score is not None and math.isfinite(float(ckpt.best_model_score))
     assert cb.monitor.stats["skipped"] == 0
@@ -100,8 +107,10 @@ def test_process_worker_writes_the_same_records_as_the_thread_worker(tmp_path):
     for worker in ("thread", "process"):
         cb = ESDMonitor(every_n_steps=4, at_start=True, worker=worker, on_backpressure="block", **OPTS)
         _trainer(tmp_path / worker, [cb], max_steps=9).fit(H.net())
-        runs[worker] = [(r.global_step, r.name, r.report.alpha, r.report.stable_rank, r.report.mp_softrank,
-                         r.report.phase) for r in read_records(tmp_path / worker / "esdwatch")]
+        runs[worker] = [
+            (r.global_step, r.name, r.report.alpha, r.report.stable_rank, r.report.mp_softrank, r.report.phase)
+            for r in read_records(tmp_path / worker / "esdwatch")
+        ]
         info = cb.monitor.stats
         assert info["skipped"] == 0 and info["snapshots"] == 4
     assert [x[:2] for x in runs["thread"]] == [(s, n) for s in (0, 4, 8, 9) for n in ("net.0", "net.2")]
@@ -156,8 +165,10 @@ def test_worker_error_is_logged_with_the_layer_name_and_training_continues(tmp_p
         trainer.fit(H.net())
     assert trainer.global_step == 10
     assert any("layer 'net.2' at step 4 failed: ZeroDivisionError: bad layer" in r.getMessage() for r in caplog.records)
-    statuses = [(s, n, st) for s, n, st in ((r.global_step, r.name, r.report.status)
-                                            for r in read_records(tmp_path / "esdwatch"))]
+    statuses = [
+        (s, n, st)
+        for s, n, st in ((r.global_step, r.name, r.report.status) for r in read_records(tmp_path / "esdwatch"))
+    ]
     assert statuses == [(s, n, "ok" if n == "net.0" else "failed") for s in (4, 8, 10) for n in ("net.0", "net.2")]
 
 
@@ -273,8 +284,9 @@ def test_two_named_monitors_log_to_one_tensorboard_under_their_own_tags(tmp_path
 
     opts = dict(OPTS, logger_sinks=True, on_backpressure="block", sink_options={"figures": False})
     a = ESDMonitor(every_n_steps=3, name="a", layers="net.0", keep_evals=True, **opts)
-    b = ESDMonitor(every_n_steps=4, name="b", layers="net.2", **{**opts, "sink_options": {"figures": False,
-                                                                                          "histograms": False}})
+    b = ESDMonitor(
+        every_n_steps=4, name="b", layers="net.2", **{**opts, "sink_options": {"figures": False, "histograms": False}}
+    )
     logger = L.loggers.TensorBoardLogger(str(tmp_path), name="tb")
     _trainer(tmp_path, [a, b], max_steps=8, logger=logger, log_every_n_steps=4).fit(H.net())
     log_dir = Path(logger.log_dir)
@@ -373,8 +385,13 @@ def test_the_yaml_config_parses_with_lightning_cli(tmp_path, monkeypatch):
     from esdwatch.demo import DigitsDataModule, DigitsMLP
 
     config = ROOT / "configs" / "esdwatch.yaml"
-    cli = LightningCLI(DigitsMLP, DigitsDataModule, run=False, save_config_callback=None,
-                       args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"])
+    cli = LightningCLI(
+        DigitsMLP,
+        DigitsDataModule,
+        run=False,
+        save_config_callback=None,
+        args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"],
+    )
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, LightningESDMonitor)]
     assert cb.every_n_steps == 50 and cb.monitor is None
     kw = {**vars(cb.options), **vars(cb.options.execution)}  # the options, the execution group flat

@@ -1,4 +1,4 @@
-"""Per-layer metrics against closed forms (HTSR.md section 4)."""
+"""Per-layer metrics against closed forms (docs/metrics.md section 4)."""
 
 import math
 

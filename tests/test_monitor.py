@@ -13,13 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from esdwatch.alarms.policy import AlarmPolicy
 from esdwatch.alarms import Alarm, AlarmRule
+from esdwatch.alarms.policy import AlarmPolicy
 from esdwatch.engine.analyzer import analyze_layers
 from esdwatch.engine.layers import find_layers
 from esdwatch.monitor import EsdwatchError, EsdwatchWarning, Monitor, auto_interval
-from esdwatch.schema import LayerRecord
-from esdwatch.schema import LayerReport
+from esdwatch.schema import LayerRecord, LayerReport
 from esdwatch.sinks.jsonl import JsonlSink, read_alarms, read_records
 
 FIELDS = ("alpha", "lambda_max", "stable_rank", "entropy", "log_norm", "mp_softrank", "status", "N", "M")
@@ -75,9 +74,7 @@ def test_plain_loop_records_exact_steps_with_the_numbers_of_an_offline_analysis(
     mon.close()
 
     records = read_records(tmp_path)
-    assert [(r.global_step, r.name) for r in records] == [
-        (s, n) for s in (0, 5, 10, 15, 20, 22) for n in ("0", "2")
-    ]
+    assert [(r.global_step, r.name) for r in records] == [(s, n) for s in (0, 5, 10, 15, 20, 22) for n in ("0", "2")]
     assert mon.stats["snapshots"] == 6 and mon.stats["skipped"] == 0 and mon.stats["analysed"] == 6
     for step, state in saved.items():
         ref = _mlp()
@@ -154,8 +151,9 @@ def _fails_on_layer_2(mats, config):
 
 def test_worker_error_is_logged_with_the_layer_name_and_training_continues(tmp_path, caplog):
     model = _mlp()
-    mon = Monitor(model, every_n_steps=2, log_dir=tmp_path, analyze_fn=_fails_on_layer_2,
-                  on_backpressure="block", **OPTS)
+    mon = Monitor(
+        model, every_n_steps=2, log_dir=tmp_path, analyze_fn=_fails_on_layer_2, on_backpressure="block", **OPTS
+    )
     with caplog.at_level(logging.WARNING, logger="esdwatch.monitor"):
         for step in range(1, 6):
             mon.step(step)
@@ -171,8 +169,16 @@ def test_worker_error_is_logged_with_the_layer_name_and_training_continues(tmp_p
 
 def test_strict_reraises_worker_errors_on_the_training_thread_after_writing(tmp_path):
     model = _mlp()
-    mon = Monitor(model, every_n_steps=2, at_end=False, log_dir=tmp_path, analyze_fn=_fails_on_layer_2,
-                  on_backpressure="block", strict=True, **OPTS)
+    mon = Monitor(
+        model,
+        every_n_steps=2,
+        at_end=False,
+        log_dir=tmp_path,
+        analyze_fn=_fails_on_layer_2,
+        on_backpressure="block",
+        strict=True,
+        **OPTS,
+    )
     mon.step(1)
     mon.step(2)
     with pytest.raises(EsdwatchError, match="2: ValueError: layer 2 exploded"):
@@ -265,10 +271,14 @@ def test_layers_replaced_removed_and_frozen_between_snapshots(tmp_path):
     mon.close()
     seen = [(r.global_step, r.name, r.report.N, r.report.M, r.report.status) for r in read_records(tmp_path)]
     assert seen == [
-        (3, "0", 32, 24, "ok"), (3, "2", 32, 32, "ok"),
-        (6, "0", 32, 24, "ok"), (6, "2", 32, 20, "ok"),
-        (9, "0", 32, 24, "ok"), (9, "4", 32, 16, "ok"),
-        (12, "0", 32, 24, "ok"), (12, "4", 32, 16, "ok"),
+        (3, "0", 32, 24, "ok"),
+        (3, "2", 32, 32, "ok"),
+        (6, "0", 32, 24, "ok"),
+        (6, "2", 32, 20, "ok"),
+        (9, "0", 32, 24, "ok"),
+        (9, "4", 32, 16, "ok"),
+        (12, "0", 32, 24, "ok"),
+        (12, "4", 32, 16, "ok"),
     ]
     # the frozen layer's weights did not move after step 4
     by = {(r.global_step, r.name): r.report for r in read_records(tmp_path)}
@@ -347,16 +357,27 @@ def test_keep_evals_writes_the_spectra_next_to_the_records_without_a_sink_argume
 
     keep = _Keep()
     model = _mlp()
-    mon = Monitor(model, every_n_steps=5, at_start=True, keep_evals=True, log_dir=tmp_path, sinks=[keep],
-                  on_backpressure="block", **OPTS)
+    mon = Monitor(
+        model,
+        every_n_steps=5,
+        at_start=True,
+        keep_evals=True,
+        log_dir=tmp_path,
+        sinks=[keep],
+        on_backpressure="block",
+        **OPTS,
+    )
     assert mon.sinks == [keep]  # added when the outputs open, in the output directory (known by then)
     _run_plain(model, mon, 12)
     assert [type(s) for s in mon.sinks] == [_Keep, SpectraSink]
     out = tmp_path / "esdwatch"
     records = read_records(out)
     spectra = read_spectra(out)
-    assert list(spectra) == [(r.global_step, r.name) for r in records] == [
-        (s, n) for s in (0, 5, 10, 12) for n in ("0", "2")]
+    assert (
+        list(spectra)
+        == [(r.global_step, r.name) for r in records]
+        == [(s, n) for s in (0, 5, 10, 12) for n in ("0", "2")]
+    )
     # each line is the log10 histogram of that snapshot's eigenvalues, as the sinks received them
     assert len((out / "spectra.jsonl").read_text().splitlines()) == 8
     for rec in keep.records:
@@ -375,8 +396,9 @@ def test_a_spectra_sink_given_by_the_user_is_the_only_one(tmp_path):
 
     # the user's sink writes to the monitor's own directory: one line per (step, layer), not two
     own = SpectraSink(tmp_path / "esdwatch", bins=16)
-    mon = Monitor(_mlp(), every_n_steps=3, keep_evals=True, log_dir=tmp_path, sinks=[own],
-                  on_backpressure="block", **OPTS)
+    mon = Monitor(
+        _mlp(), every_n_steps=3, keep_evals=True, log_dir=tmp_path, sinks=[own], on_backpressure="block", **OPTS
+    )
     _run_plain(mon.model, mon, 7)
     assert mon.sinks == [own]
     lines = [json.loads(x) for x in (tmp_path / "esdwatch" / "spectra.jsonl").read_text().splitlines()]
@@ -384,8 +406,15 @@ def test_a_spectra_sink_given_by_the_user_is_the_only_one(tmp_path):
     assert all(len(d["counts"]) == 16 for d in lines)  # the user's bins, not the default 64
     # ... or elsewhere: then the monitor's directory gets none
     elsewhere = SpectraSink(tmp_path / "mine")
-    mon = Monitor(_mlp(), every_n_steps=3, keep_evals=True, log_dir=tmp_path / "run2", sinks=[elsewhere],
-                  on_backpressure="block", **OPTS)
+    mon = Monitor(
+        _mlp(),
+        every_n_steps=3,
+        keep_evals=True,
+        log_dir=tmp_path / "run2",
+        sinks=[elsewhere],
+        on_backpressure="block",
+        **OPTS,
+    )
     _run_plain(mon.model, mon, 4)
     assert not (tmp_path / "run2" / "esdwatch" / "spectra.jsonl").exists()
     assert sorted(read_spectra(tmp_path / "mine")) == [(s, n) for s in (3, 4) for n in ("0", "2")]
@@ -483,8 +512,18 @@ def test_plain_resume_continues_at_the_next_step_with_one_record_per_step_and_la
 
 
 def _report(name="L", phase="unknown", **fields):
-    base = dict(name=name, kind="linear", N=64, M=64, Q=1.0, alpha=4.0, rank_collapse_fraction=0.0,
-                num_traps=0, phase=phase, phase_confidence=0.9)
+    base = dict(
+        name=name,
+        kind="linear",
+        N=64,
+        M=64,
+        Q=1.0,
+        alpha=4.0,
+        rank_collapse_fraction=0.0,
+        num_traps=0,
+        phase=phase,
+        phase_confidence=0.9,
+    )
     base.update(fields)
     return LayerReport(**base)
 
@@ -510,7 +549,9 @@ def test_non_finite_defaults_to_patience_1_and_stop_others_to_log():
     policy = AlarmPolicy(patience={"rank_collapse": 1}, actions={"rank_collapse": "stop"})
     assert policy.patience_for("rank_collapse") == 1 and policy.patience_for("alpha_low") == 2
     assert policy.stopping_kinds == ["rank_collapse", "non_finite"] or set(policy.stopping_kinds) == {
-        "rank_collapse", "non_finite"}
+        "rank_collapse",
+        "non_finite",
+    }
 
 
 def test_layers_that_disappear_lose_their_counters_and_failed_layers_keep_them():
@@ -525,8 +566,17 @@ def test_layers_that_disappear_lose_their_counters_and_failed_layers_keep_them()
 
 def test_phase_transitions_need_patience_and_keep_a_history():
     policy = AlarmPolicy(patience={"phase_transition": 2})
-    seq = ["Random-like", "Random-like", "Bulk+Spikes", "Random-like", "Bulk+Spikes", "Bulk+Spikes", "unknown",
-           "Heavy-Tailed", "Heavy-Tailed"]
+    seq = [
+        "Random-like",
+        "Random-like",
+        "Bulk+Spikes",
+        "Random-like",
+        "Bulk+Spikes",
+        "Bulk+Spikes",
+        "unknown",
+        "Heavy-Tailed",
+        "Heavy-Tailed",
+    ]
     out = []
     for step, phase in enumerate(seq):
         out += policy.update([_report("L", phase=phase)], step * 10)
@@ -548,8 +598,9 @@ def test_the_classifiers_unknown_phase_is_never_a_transition_endpoint():
 
     policy = AlarmPolicy(patience={"phase_transition": 1})
     out = []
-    for step, phase in enumerate([Phase.UNKNOWN.value, "Heavy-Tailed", Phase.UNKNOWN.value, "Heavy-Tailed",
-                                  "UNKNOWN", "Bulk-decay"]):
+    for step, phase in enumerate(
+        [Phase.UNKNOWN.value, "Heavy-Tailed", Phase.UNKNOWN.value, "Heavy-Tailed", "UNKNOWN", "Bulk-decay"]
+    ):
         out += policy.update([_report("L", phase=phase)], step)
     assert [(a.extra["from"], a.extra["to"], a.step) for a in out] == [("Heavy-Tailed", "Bulk-decay", 5)]
     assert policy.history == {"L": [[5, "Heavy-Tailed", "Bulk-decay"]]}
@@ -580,8 +631,16 @@ def test_alarm_actions_warn_and_callable(tmp_path, caplog):
     with torch.no_grad():  # layer 1 has rank 2 from the start
         model[1].weight.copy_(torch.randn(32, 2) @ torch.randn(2, 32))
     rules = [AlarmRule("rank_collapse", "rank_collapse_fraction", 0.5, above=True, severity="error")]
-    mon = Monitor(model, every_n_steps=1, log_dir=tmp_path, on_backpressure="block", alarm_rules=rules,
-                  alarm_patience=1, alarm_actions={"rank_collapse": on_collapse, "non_finite": broken}, **OPTS)
+    mon = Monitor(
+        model,
+        every_n_steps=1,
+        log_dir=tmp_path,
+        on_backpressure="block",
+        alarm_rules=rules,
+        alarm_patience=1,
+        alarm_actions={"rank_collapse": on_collapse, "non_finite": broken},
+        **OPTS,
+    )
     for step in range(1, 4):
         mon.step(step)
     with torch.no_grad():
@@ -595,8 +654,15 @@ def test_alarm_actions_warn_and_callable(tmp_path, caplog):
     kinds = [(a.kind, a.layer, a.step) for a in read_alarms(tmp_path)]
     assert kinds == [("rank_collapse", "1", 1), ("non_finite", "0", 4)]
 
-    mon = Monitor(model, every_n_steps=1, log_dir=None, on_backpressure="block", alarm_rules=[],
-                  alarm_actions={"non_finite": "warn"}, **OPTS)
+    mon = Monitor(
+        model,
+        every_n_steps=1,
+        log_dir=None,
+        on_backpressure="block",
+        alarm_rules=[],
+        alarm_actions={"non_finite": "warn"},
+        **OPTS,
+    )
     with pytest.warns(EsdwatchWarning, match=r"\[non_finite\] at step 1: 0: 1 non-finite"):
         mon.step(1)
         mon.close(final=False)

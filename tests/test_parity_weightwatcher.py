@@ -10,7 +10,6 @@ precision; weightwatcher: float64), so it is compared where the ranks agree.
 import logging
 import os
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

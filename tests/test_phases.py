@@ -22,8 +22,6 @@ from esdwatch.engine.phases import (
 )
 
 
-
-
 def evals_of(W: torch.Tensor) -> np.ndarray:
     """The M = min(N, M) eigenvalues of W^T W (never the structural zeros)."""
     W = W.to(torch.float64)
@@ -42,7 +40,13 @@ def classify_matrix(W: torch.Tensor, **kw) -> PhaseResult:
 
 def test_phase_values_are_the_paper_names():
     assert [p.value for p in Phase] == [
-        "Random-like", "Bleeding-out", "Bulk+Spikes", "Bulk-decay", "Heavy-Tailed", "Rank-collapse", "Unknown",
+        "Random-like",
+        "Bleeding-out",
+        "Bulk+Spikes",
+        "Bulk-decay",
+        "Heavy-Tailed",
+        "Rank-collapse",
+        "Unknown",
     ]
     assert Phase.BULK_PLUS_SPIKES == "Bulk+Spikes"  # str enum: compares equal to its value
     assert str(Phase.HEAVY_TAILED) == "Heavy-Tailed"
@@ -50,8 +54,14 @@ def test_phase_values_are_the_paper_names():
 
 
 def test_phase_order_and_comparison():
-    ordered = [Phase.RANDOM_LIKE, Phase.BLEEDING_OUT, Phase.BULK_PLUS_SPIKES, Phase.BULK_DECAY,
-               Phase.HEAVY_TAILED, Phase.RANK_COLLAPSE]
+    ordered = [
+        Phase.RANDOM_LIKE,
+        Phase.BLEEDING_OUT,
+        Phase.BULK_PLUS_SPIKES,
+        Phase.BULK_DECAY,
+        Phase.HEAVY_TAILED,
+        Phase.RANK_COLLAPSE,
+    ]
     assert [p.order for p in ordered] == list(range(6))
     assert Phase.UNKNOWN.order == -1 and Phase.UNKNOWN.ordinal == -1
     assert sorted(reversed(ordered)) == ordered
@@ -275,7 +285,9 @@ def test_classify_report_fills_the_phase_fields():
     json.dumps(rep.to_dict())
 
 
-@pytest.mark.parametrize("generator", ["random_like", "bleeding_out", "bulk_plus_spikes", "bulk_decay", "heavy_tailed", "rank_collapse"])
+@pytest.mark.parametrize(
+    "generator", ["random_like", "bleeding_out", "bulk_plus_spikes", "bulk_decay", "heavy_tailed", "rank_collapse"]
+)
 def test_a_shared_mp_fit_gives_the_same_decision(generator):
     from esdwatch.engine.mp import fit_mp
     from esdwatch.engine.spectrum import eigenvalues

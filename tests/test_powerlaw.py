@@ -61,7 +61,7 @@ def _spectrum(name: str) -> np.ndarray:
     return _cached_spectrum(name).copy()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_spectrum(name: str) -> np.ndarray:
     rng = np.random.default_rng(sum(map(ord, name)))  # a fixed seed per case
     if name == "gauss_200x100":
@@ -172,9 +172,7 @@ def weightwatcher_frame() -> tuple[Any, list[np.ndarray]]:
 
 
 @pytest.mark.parametrize("layer", [0, 1])
-def test_parity_with_weightwatcher(
-    weightwatcher_frame: tuple[Any, list[np.ndarray]], layer: int
-) -> None:
+def test_parity_with_weightwatcher(weightwatcher_frame: tuple[Any, list[np.ndarray]], layer: int) -> None:
     import scipy.linalg
 
     frame, weights = weightwatcher_frame

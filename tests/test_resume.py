@@ -14,11 +14,10 @@ import torch
 
 L = pytest.importorskip("lightning.pytorch")
 
+import _lightning_helpers as H  # noqa: E402
 from esdwatch.lightning import ESDMonitor  # noqa: E402
 from esdwatch.sinks.jsonl import read_alarms, read_records, read_segments  # noqa: E402
 from esdwatch.sinks.spectra import read_spectra  # noqa: E402
-
-import _lightning_helpers as H  # noqa: E402
 
 OPTS = dict(min_evals=8, traps=False, logger_sinks=False, on_backpressure="block")
 LAYERS = ("net.0", "net.2")
@@ -27,8 +26,7 @@ LAYERS = ("net.0", "net.2")
 def _fit(root: Path, max_steps: int, ckpt_path=None, logger=False, extra=(), **monitor_kwargs):
     """One fit of the shared tiny model, snapshots every 4 steps, a checkpoint every 10."""
     cb = ESDMonitor(every_n_steps=4, **{**OPTS, **monitor_kwargs})
-    ckpt = L.callbacks.ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=10, save_top_k=-1,
-                                       filename="{step}")
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=10, save_top_k=-1, filename="{step}")
     trainer = H.trainer(root, [*extra, cb, ckpt], max_steps=max_steps, logger=logger, enable_checkpointing=True)
     trainer.fit(H.net(), ckpt_path=ckpt_path)
     return trainer, cb
@@ -45,7 +43,9 @@ def test_resume_from_a_checkpoint_continues_at_the_next_scheduled_step(tmp_path)
     assert trainer.global_step == 26 and cb2.monitor.segment == 1
     records = read_records(out)
     got = [(r.global_step, r.name, r.segment) for r in records]
-    expected = [(s, n, 0) for s in (0, 4, 8) for n in LAYERS] + [(s, n, 1) for s in (12, 16, 20, 24, 26) for n in LAYERS]
+    expected = [(s, n, 0) for s in (0, 4, 8) for n in LAYERS] + [
+        (s, n, 1) for s in (12, 16, 20, 24, 26) for n in LAYERS
+    ]
     assert got == expected  # no step-0 baseline on resume, nothing missing, nothing twice
     raw = [(r.global_step, r.segment) for r in read_records(out, dedupe=False)]
     assert raw.count((12, 0)) == 2 and raw.count((12, 1)) == 2  # the interrupted run's lines are still on disk
@@ -75,14 +75,21 @@ def test_alarm_patience_counters_survive_the_resume(tmp_path):
     # run 1: collapsed at 4, 8, 12 -> fires at 12. Run 2 restored the count (2, from 4 and 8) at step 10,
     # so its first collapsed snapshot (12) fires again; with fresh counters it would not fire before 20
     assert fired == [(0, 12), (1, 12)]
-    assert [(a.step, a.layer) for a in read_alarms(tmp_path / "esdwatch") if a.kind == "rank_collapse"] == [(12, "net.2")]
+    assert [(a.step, a.layer) for a in read_alarms(tmp_path / "esdwatch") if a.kind == "rank_collapse"] == [
+        (12, "net.2")
+    ]
 
 
 def test_resuming_into_a_new_logger_version_carries_the_history_over(tmp_path):
     csv = L.loggers.CSVLogger
     _fit(tmp_path, 20, logger=csv(str(tmp_path), name="run"), keep_evals=True)
-    _fit(tmp_path, 18, ckpt_path=tmp_path / "ckpt" / "step=10.ckpt", logger=csv(str(tmp_path), name="run"),
-         keep_evals=True)
+    _fit(
+        tmp_path,
+        18,
+        ckpt_path=tmp_path / "ckpt" / "step=10.ckpt",
+        logger=csv(str(tmp_path), name="run"),
+        keep_evals=True,
+    )
     old, new = tmp_path / "run" / "version_0" / "esdwatch", tmp_path / "run" / "version_1" / "esdwatch"
     assert sorted({r.global_step for r in read_records(old)}) == [4, 8, 12, 16, 20]  # untouched
     got = sorted({(r.global_step, r.segment) for r in read_records(new)})

@@ -28,8 +28,14 @@ def _fit_csv(root):
 
     torch.manual_seed(0)
     logger = CSVLogger(str(root), name="csv")
-    monitor = ESDMonitor(every_n_steps=5, at_start=True, traps=False, on_backpressure="block",
-                         alarm_rules=[AlarmRule("alpha_low", "alpha", 100.0, above=False)], alarm_patience=1)
+    monitor = ESDMonitor(
+        every_n_steps=5,
+        at_start=True,
+        traps=False,
+        on_backpressure="block",
+        alarm_rules=[AlarmRule("alpha_low", "alpha", 100.0, above=False)],
+        alarm_patience=1,
+    )
     fit_digits(logger, monitor, max_steps=15)
     return logger
 
@@ -132,4 +138,6 @@ def test_without_tensorboard_the_logger_is_skipped_with_the_extra_named(tmp_path
     assert out.returncode == 0, out.stderr
     assert "SINKS: []" in out.stdout
     assert "pip install 'esdwatch[tensorboard]'" in out.stderr  # the factory's warning
-    assert "IMPORT-ERROR: esdwatch's TensorBoard sink needs tensorboard: pip install 'esdwatch[tensorboard]'" in out.stdout
+    assert (
+        "IMPORT-ERROR: esdwatch's TensorBoard sink needs tensorboard: pip install 'esdwatch[tensorboard]'" in out.stdout
+    )

@@ -15,8 +15,7 @@ import torch
 from _sink_helpers import fit_digits, synthetic_snapshots
 from esdwatch.alarms import Alarm
 from esdwatch.engine.phases import Phase
-from esdwatch.schema import LayerRecord
-from esdwatch.schema import SUMMARY_METRICS
+from esdwatch.schema import SUMMARY_METRICS, LayerRecord
 from esdwatch.sinks import TensorBoardSink, read_records, sinks_for_loggers
 from esdwatch.sinks.tags import COUNT_METRICS, SCALAR_METRICS
 
@@ -122,8 +121,9 @@ def test_scalars_histograms_figures_text_and_layout_read_back(tmp_path, snapshot
     for tag in images:
         events = ea.Images(tag)
         assert [e.step for e in events] == [0, 20]
-        assert all(e.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and e.width > 200 and e.height > 100
-                   for e in events)
+        assert all(
+            e.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and e.width > 200 and e.height > 100 for e in events
+        )
 
     # custom-scalars layout: one multi-line chart per metric whose regex catches every layer
     layout = _layout(ea)

@@ -30,8 +30,13 @@ STEPS = (0, 10, 20)
 @pytest.fixture(autouse=True)
 def offline_wandb(tmp_path, monkeypatch):
     """Offline, quiet, and every wandb file under the test's tmp directory."""
-    for var, sub in (("WANDB_DIR", "wb"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"),
-                     ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts")):
+    for var, sub in (
+        ("WANDB_DIR", "wb"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_CONFIG_DIR", "config"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_ARTIFACT_DIR", "artifacts"),
+    ):
         (tmp_path / sub).mkdir(exist_ok=True)
         monkeypatch.setenv(var, str(tmp_path / sub))
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -43,8 +48,9 @@ def offline_wandb(tmp_path, monkeypatch):
 def inspect_run(run_dir: Path) -> list[dict]:
     """Every record of the run's .wandb log, as wandb's own reader prints them."""
     exe = shutil.which("wandb", path=str(Path(sys.executable).parent)) or "wandb"
-    out = subprocess.run([exe, "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = subprocess.run(
+        [exe, "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, timeout=120, check=True
+    )
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -92,7 +98,8 @@ def test_offline_run_holds_scalars_spectra_figures_table_and_rate_limited_alerts
     recs = inspect_run(run_dir)
     metrics = [r["metric"] for r in recs if r["type"] == "metric"]
     assert {"glob_name": "esdwatch/*", "step_metric": "trainer/global_step"}.items() <= next(
-        m for m in metrics if m.get("glob_name") == "esdwatch/*").items()
+        m for m in metrics if m.get("glob_name") == "esdwatch/*"
+    ).items()
 
     items = history(recs)
     # one wandb.log per snapshot, keyed by the logged step, never by step=
@@ -132,8 +139,11 @@ def test_offline_run_holds_scalars_spectra_figures_table_and_rate_limited_alerts
 
     alerts = [r["alert"] for r in recs if r["type"] == "alert"]
     assert [a["text"] for a in alerts] == [
-        "head: alpha = 1.7 < 2 (alpha low) (step 20)", "collapsed (step 20)", "head after the interval (step 20)",
-        "encoder.0 alpha high (step 20)"]
+        "head: alpha = 1.7 < 2 (alpha low) (step 20)",
+        "collapsed (step 20)",
+        "head after the interval (step 20)",
+        "encoder.0 alpha high (step 20)",
+    ]
     assert [a["level"] for a in alerts] == ["WARN", "ERROR", "WARN", "WARN"]
     assert all(len(a["title"]) < 64 for a in alerts)
     assert alerts[0]["title"] == "esdwatch alpha low: head"
@@ -142,8 +152,12 @@ def test_offline_run_holds_scalars_spectra_figures_table_and_rate_limited_alerts
 
 def test_close_logs_the_figures_of_the_last_snapshot_and_bins_are_capped(tmp_path, snapshots):
     with pytest.raises(ValueError, match="512"):
-        WandbSink(wandb.init(project="esdwatch-test", dir=str(tmp_path / "wb"),
-                             settings=wandb.Settings(x_disable_stats=True)), hist_bins=MAX_HIST_BINS + 1)
+        WandbSink(
+            wandb.init(
+                project="esdwatch-test", dir=str(tmp_path / "wb"), settings=wandb.Settings(x_disable_stats=True)
+            ),
+            hist_bins=MAX_HIST_BINS + 1,
+        )
     run = wandb.run
     sink = WandbSink(run, figure_every=10, hist_bins=MAX_HIST_BINS, alerts=False)
     sink.write(snapshots[0], 0)
@@ -168,12 +182,23 @@ def test_trainer_with_wandb_logger_offline(tmp_path):
     from esdwatch.lightning import ESDMonitor
 
     torch.manual_seed(0)
-    logger = WandbLogger(project="esdwatch-test", save_dir=str(tmp_path / "wb"), offline=True,
-                         settings=wandb.Settings(x_disable_stats=True))
+    logger = WandbLogger(
+        project="esdwatch-test",
+        save_dir=str(tmp_path / "wb"),
+        offline=True,
+        settings=wandb.Settings(x_disable_stats=True),
+    )
     # a rule that fires on every layer at the first snapshot: each must become a W&B alert
-    monitor = ESDMonitor(every_n_steps=5, at_start=True, keep_evals=True, traps=False, on_backpressure="block",
-                         alarm_rules=[AlarmRule("alpha_low", "alpha", 100.0, above=False)], alarm_patience=1,
-                         log_dir=str(tmp_path / "logs"))
+    monitor = ESDMonitor(
+        every_n_steps=5,
+        at_start=True,
+        keep_evals=True,
+        traps=False,
+        on_backpressure="block",
+        alarm_rules=[AlarmRule("alpha_low", "alpha", 100.0, above=False)],
+        alarm_patience=1,
+        log_dir=str(tmp_path / "logs"),
+    )
     fit_digits(logger, monitor, max_steps=15)
     run_dir = Path(logger.experiment.dir).parent
     wandb.finish()
@@ -200,8 +225,12 @@ def test_trainer_with_wandb_logger_offline(tmp_path):
 def test_factory_picks_the_wandb_sink_by_its_run(tmp_path):
     from lightning.pytorch.loggers import WandbLogger
 
-    logger = WandbLogger(project="esdwatch-test", save_dir=str(tmp_path / "wb"), offline=True,
-                         settings=wandb.Settings(x_disable_stats=True))
+    logger = WandbLogger(
+        project="esdwatch-test",
+        save_dir=str(tmp_path / "wb"),
+        offline=True,
+        settings=wandb.Settings(x_disable_stats=True),
+    )
     try:
         (sink,) = sinks_for_loggers([logger], figure_every=7, hist_bins=128, custom_scalars=False)
         assert isinstance(sink, WandbSink) and sink.run is logger.experiment

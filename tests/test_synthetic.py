@@ -11,8 +11,6 @@ import torch
 from esdwatch.engine import synthetic
 from esdwatch.engine.phases import Phase
 
-
-
 ALL = [p for p in Phase if p is not Phase.UNKNOWN]
 
 

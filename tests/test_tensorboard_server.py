@@ -55,8 +55,13 @@ class Server:
         cmd += ["--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(self.port), "--reload_interval", "1"]
         self.log = open(log_file, "wb")
         # own session: the test stops the server and its data-server child by process group
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
 
     def get(self, path: str, **params) -> bytes:
         url = f"{self.base}{path}" + (("?" + urllib.parse.urlencode(params)) if params else "")
@@ -102,10 +107,12 @@ def served(tmp_path_factory):
     server = Server(log_dir.parent, root / "tensorboard.log")
     try:
         server.wait_for(
-            lambda: {"esdwatch/alpha/net.0", "esdwatch/phase/net.2"}
-            <= set(server.json("/data/plugin/scalars/tags").get(RUN, {}))
-            and "esdwatch/esd/net.0" in server.json("/data/plugin/histograms/tags").get(RUN, {})
-            and "esdwatch/phase_map" in server.json("/data/plugin/images/tags").get(RUN, {}),
+            lambda: (
+                {"esdwatch/alpha/net.0", "esdwatch/phase/net.2"}
+                <= set(server.json("/data/plugin/scalars/tags").get(RUN, {}))
+                and "esdwatch/esd/net.0" in server.json("/data/plugin/histograms/tags").get(RUN, {})
+                and "esdwatch/phase_map" in server.json("/data/plugin/images/tags").get(RUN, {})
+            ),
             "esdwatch's scalars, histograms and images",
         )
         yield server, read_records(log_dir)
@@ -129,8 +136,10 @@ def test_scalars_dashboard_serves_every_layer_series_with_the_recorded_values(se
         assert sorted(got) == sorted(want) == [0, 5, 10, 15]
         for step in want:
             assert got[step] == pytest.approx(want[step], rel=1e-6)
-        phases = {step: value for _w, step, value in
-                  server.json("/data/plugin/scalars/scalars", run=RUN, tag=f"esdwatch/phase/{name}")}
+        phases = {
+            step: value
+            for _w, step, value in server.json("/data/plugin/scalars/scalars", run=RUN, tag=f"esdwatch/phase/{name}")
+        }
         assert phases == {r.global_step: float(Phase.parse(r.report.phase).order) for r in records if r.name == name}
 
 

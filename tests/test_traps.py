@@ -20,8 +20,6 @@ from esdwatch.engine.traps import (
     trap_fields_from_evals,
 )
 
-
-
 N, M = 400, 200
 
 
@@ -197,8 +195,9 @@ def test_trap_fields_for_a_layer_matrix_in_stored_coordinates():
     from esdwatch.schema import LayerReport
 
     stored = with_large_entries(gaussian(6), INJECTED).T.contiguous()  # a (out=200, in=400) parameter
-    mat = LayerMatrix(name="fc", kind="linear", module_type="Linear", weight=stored.T.unsqueeze(0),
-                      source_shape=tuple(stored.shape))
+    mat = LayerMatrix(
+        name="fc", kind="linear", module_type="Linear", weight=stored.T.unsqueeze(0), source_shape=tuple(stored.shape)
+    )
     rep = LayerReport(name="fc", kind="linear", N=N, M=M, Q=N / M)
     fields = trap_fields(mat, rep, AnalysisConfig())
     assert fields["num_traps"] == 3

@@ -21,8 +21,8 @@ import importlib.util
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -71,7 +71,9 @@ class DigitsDataModule(L.LightningDataModule):
     def train_dataloader(self):
         x, y, _, _ = self._data
         return torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(x, y), batch_size=self.batch_size, shuffle=True,
+            torch.utils.data.TensorDataset(x, y),
+            batch_size=self.batch_size,
+            shuffle=True,
             generator=torch.Generator().manual_seed(self.seed),
         )
 
@@ -136,8 +138,18 @@ def phase_table(records) -> str:
     rows = [header]
     for r in records:
         rep = r.report
-        rows.append((rep.name, f"{rep.N}x{rep.M}", rep.phase, _fmt(rep.alpha, 2), _fmt(rep.entropy, 3),
-                     _fmt(rep.stable_rank, 1), _fmt(rep.mp_softrank, 3), rep.status))
+        rows.append(
+            (
+                rep.name,
+                f"{rep.N}x{rep.M}",
+                rep.phase,
+                _fmt(rep.alpha, 2),
+                _fmt(rep.entropy, 3),
+                _fmt(rep.stable_rank, 1),
+                _fmt(rep.mp_softrank, 3),
+                rep.status,
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -162,9 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--worker", choices=("thread", "process"), default="thread")
     parser.add_argument("--out", default="esdwatch_logs", help="log root directory (default ./esdwatch_logs)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for training (default 1: a tiny MLP gains nothing from more, "
-                             "and the analysis worker gets a core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for training (default 1: a tiny MLP gains nothing from more, "
+        "and the analysis worker gets a core)",
+    )
     args = parser.parse_args(argv)
 
     from esdwatch.integrations.lightning import callback_class
@@ -176,16 +192,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     logger = _logger(out)
     monitor = callback_class("pytorch_lightning" if L.__name__ == "pytorch_lightning" else "lightning")(
-        every_n_steps=args.every_n_steps, at_start=True, at_end=True, worker=args.worker,
+        every_n_steps=args.every_n_steps,
+        at_start=True,
+        at_end=True,
+        worker=args.worker,
         # training runs on --threads cores (1 by default), leaving a core to the worker: no need to
         # lower its priority, and the demo shows every snapshot
         worker_nice=0 if args.threads == 1 else 10,
         # spectra for TensorBoard's histograms and the ESD figures (and the phase map) every 5 snapshots
-        keep_evals=True, sink_options={"figure_every": 5},
+        keep_evals=True,
+        sink_options={"figure_every": 5},
     )
     trainer = L.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[monitor],
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
     )
     model, data = DigitsMLP(), DigitsDataModule(seed=args.seed)
     t0 = time.perf_counter()
@@ -203,8 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = sorted({r.global_step for r in records})
     acc = trainer.callback_metrics.get("val/acc")
     print()
-    print(f"esdwatch demo: {args.epochs} epochs, {trainer.global_step} steps in {elapsed:.1f} s"
-          + (f", validation accuracy {float(acc):.3f}" if acc is not None else ""))
+    print(
+        f"esdwatch demo: {args.epochs} epochs, {trainer.global_step} steps in {elapsed:.1f} s"
+        + (f", validation accuracy {float(acc):.3f}" if acc is not None else "")
+    )
     print(f"snapshots at steps {steps} ({int(mon.stats['skipped'])} skipped)")
     print(f"\nper-layer phases at step {last}:")
     print(phase_table(final))

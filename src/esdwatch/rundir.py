@@ -45,8 +45,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Callable, Hashable, Iterable, Mapping, Sequence, TypeVar
+from typing import IO, Any, TypeVar
 
 from esdwatch.schema import Alarm, LayerRecord, Log10Histogram
 
@@ -203,8 +204,12 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
 
 def segment_line(segment: int, resumed_from_step: int | None) -> dict[str, Any]:
     """The line a run segment appends to ``segments.jsonl`` when it opens the directory."""
-    return {"segment": int(segment), "resumed_from_step": resumed_from_step, "wall_time": time.time(),
-            "pid": os.getpid()}
+    return {
+        "segment": int(segment),
+        "resumed_from_step": resumed_from_step,
+        "wall_time": time.time(),
+        "pid": os.getpid(),
+    }
 
 
 def alarm_line(alarm: Alarm, segment: int | None) -> dict[str, Any]:
@@ -265,8 +270,9 @@ def superseded(segment: int, step: float, cuts: Sequence[tuple[int, float]]) -> 
     return any(seg > segment and step > start for seg, start in cuts)
 
 
-def _latest(items: Iterable[tuple[int, int, float, Hashable, T]],
-            cuts: Sequence[tuple[int, float]]) -> dict[Hashable, tuple[int, T]]:
+def _latest(
+    items: Iterable[tuple[int, int, float, Hashable, T]], cuts: Sequence[tuple[int, float]]
+) -> dict[Hashable, tuple[int, T]]:
     """``{key: (line, value)}`` from (line, segment, step, key, value) items: superseded
     items dropped, then per key the latest segment's (ties: the later line)."""
     best: dict[Hashable, tuple[tuple[int, int], T]] = {}
@@ -305,8 +311,10 @@ def read_records(path: str | os.PathLike, *, dedupe: bool = True) -> list[LayerR
     rows = _parse(file, "a record", LayerRecord.from_dict)
     if not dedupe:
         return [rec for _, _, rec in rows]
-    kept = _latest(((lineno, rec.segment, rec.global_step, (rec.global_step, rec.name), rec)
-                    for lineno, _, rec in rows), cutoffs(read_segments(file.parent)))
+    kept = _latest(
+        ((lineno, rec.segment, rec.global_step, (rec.global_step, rec.name), rec) for lineno, _, rec in rows),
+        cutoffs(read_segments(file.parent)),
+    )
     ordered = sorted(kept.values(), key=lambda item: (item[1].global_step, item[0]))
     return [rec for _, rec in ordered]
 
@@ -317,9 +325,19 @@ def read_alarms(path: str | os.PathLike, *, dedupe: bool = True) -> list[Alarm]:
     rows = _parse(file, "an alarm", Alarm.from_dict)
     if not dedupe:
         return [alarm for _, _, alarm in rows]
-    kept = _latest(((lineno, int(obj.get("segment", 0) or 0), -math.inf if alarm.step is None else alarm.step,
-                     (alarm.step, alarm.kind, alarm.layer), alarm) for lineno, obj, alarm in rows),
-                   cutoffs(read_segments(file.parent)))
+    kept = _latest(
+        (
+            (
+                lineno,
+                int(obj.get("segment", 0) or 0),
+                -math.inf if alarm.step is None else alarm.step,
+                (alarm.step, alarm.kind, alarm.layer),
+                alarm,
+            )
+            for lineno, obj, alarm in rows
+        ),
+        cutoffs(read_segments(file.parent)),
+    )
     return [alarm for _, alarm in sorted(kept.values(), key=lambda item: item[0])]
 
 
@@ -332,8 +350,10 @@ def _read_spectra(file: Path) -> dict[tuple[int, str], tuple[int, Log10Histogram
     rows = _parse(file, "a spectrum", _spectrum)
     if not rows:
         return {}
-    kept = _latest(((lineno, seg, key[0], key, (seg, hist)) for lineno, _, (key, seg, hist) in rows),
-                   cutoffs(read_segments(file.parent)))
+    kept = _latest(
+        ((lineno, seg, key[0], key, (seg, hist)) for lineno, _, (key, seg, hist) in rows),
+        cutoffs(read_segments(file.parent)),
+    )
     return {key: value for key, (_, value) in sorted(kept.items())}
 
 

@@ -23,10 +23,11 @@ random bulk (so lambda_plus = N sigma^2 (1 + 1/sqrt(Q))^2). Definitions: ``docs/
 from __future__ import annotations
 
 import dataclasses
-import math
 import enum
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +53,7 @@ SUMMARY_METRICS: tuple[str, ...] = (
 
 
 # ---------------------------------------------------------------- the 5+1 phases
+
 
 class Phase(str, enum.Enum):
     """The 5+1 phases of training, ordered by increasing implicit self-regularization.
@@ -101,7 +103,7 @@ class Phase(str, enum.Enum):
     __hash__ = enum.Enum.__hash__
 
     @classmethod
-    def parse(cls, value: Any) -> "Phase":
+    def parse(cls, value: Any) -> Phase:
         """A Phase from a Phase, its value ("Bulk+Spikes"), its name or any case thereof."""
         if isinstance(value, Phase):
             return value
@@ -124,7 +126,9 @@ _ORDER = {
 
 #: The 5+1 phases in order of increasing implicit self-regularization (HT-SR); a phase's
 #: ordinal (:attr:`Phase.order`) is its index here.
-PHASES: tuple[str, ...] = tuple(p.value for p in sorted((p for p in Phase if p is not Phase.UNKNOWN), key=lambda p: p.order))
+PHASES: tuple[str, ...] = tuple(
+    p.value for p in sorted((p for p in Phase if p is not Phase.UNKNOWN), key=lambda p: p.order)
+)
 #: The phase of a layer that could not be classified (not one of the 5+1).
 UNKNOWN_PHASE: str = Phase.UNKNOWN.value
 #: The fraction of numerically zero eigenvalues from which a layer is rank-collapsed: the
@@ -178,7 +182,7 @@ class SkippedLayer:
 class LayerReport:
     """Spectral metrics of one layer weight matrix W (N x M, oriented so N >= M).
 
-    See ``shared/HTSR.md`` section 4 for every definition. Fields that could not be
+    See ``docs/metrics.md`` section 4 for every definition. Fields that could not be
     computed are NaN (floats) or -1 (counts); ``status`` says why.
     """
 
@@ -259,7 +263,7 @@ class LayerReport:
     def ok(self) -> bool:
         return self.status == STATUS_OK
 
-    def replace(self, **changes: Any) -> "LayerReport":
+    def replace(self, **changes: Any) -> LayerReport:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -272,7 +276,7 @@ class LayerReport:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LayerReport":
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerReport:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones default."""
         known = {f.name: f for f in dataclasses.fields(cls) if f.name != "evals"}
         kwargs: dict[str, Any] = {}
@@ -341,7 +345,7 @@ class LayerRecord:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LayerRecord":
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerRecord:
         return cls(
             global_step=int(data["global_step"]),
             epoch=int(data.get("epoch", 0)),
@@ -398,16 +402,21 @@ class Log10Histogram:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Log10Histogram":
+    def from_dict(cls, data: Mapping[str, Any]) -> Log10Histogram:
         counts = np.asarray(data["counts"], dtype=np.int64)
         lo, hi = float(data["lo"]), float(data["hi"])
         centers = np.linspace(lo, hi, counts.size + 1)
         centers = 0.5 * (centers[:-1] + centers[1:])
         return cls(
-            lo=lo, hi=hi, counts=counts, num=int(data.get("num", counts.sum())),
+            lo=lo,
+            hi=hi,
+            counts=counts,
+            num=int(data.get("num", counts.sum())),
             num_floor=int(data.get("num_floor", 0)),
-            sum=float((counts * centers).sum()), sum_squares=float((counts * centers**2).sum()),
-            vmin=lo, vmax=hi,
+            sum=float((counts * centers).sum()),
+            sum_squares=float((counts * centers**2).sum()),
+            vmin=lo,
+            vmax=hi,
         )
 
 
@@ -429,8 +438,15 @@ def log10_histogram(evals: Any, bins: int = 64, floor_rel: float = 1e-12) -> Log
         lo, hi = lo - 0.05, hi + 0.05
     counts, _ = np.histogram(x, bins=bins, range=(lo, hi))
     return Log10Histogram(
-        lo=lo, hi=hi, counts=counts.astype(np.int64), num=int(ev.size), num_floor=num_floor,
-        sum=float(x.sum()), sum_squares=float(np.dot(x, x)), vmin=float(x.min()), vmax=float(x.max()),
+        lo=lo,
+        hi=hi,
+        counts=counts.astype(np.int64),
+        num=int(ev.size),
+        num_floor=num_floor,
+        sum=float(x.sum()),
+        sum_squares=float(np.dot(x, x)),
+        vmin=float(x.min()),
+        vmax=float(x.max()),
     )
 
 
@@ -444,6 +460,7 @@ NON_FINITE = "non_finite"
 PHASE_TRANSITION = "phase_transition"  # emitted by the monitor, which sees history
 
 ALARM_KINDS: tuple[str, ...] = (RANK_COLLAPSE, CORRELATION_TRAP, ALPHA_LOW, ALPHA_HIGH, NON_FINITE, PHASE_TRANSITION)
+
 
 @dataclass(frozen=True)
 class Alarm:
@@ -470,7 +487,7 @@ class Alarm:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Alarm":
+    def from_dict(cls, data: dict[str, Any]) -> Alarm:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         for key in ("value", "threshold"):

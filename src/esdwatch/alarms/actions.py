@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from esdwatch.alarms.policy import Action
 from esdwatch.errors import EsdwatchWarning
@@ -29,8 +30,14 @@ __all__ = ["run_action"]
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def run_action(action: Action, alarm: Alarm, *, context: Any, request_stop: Callable[[Alarm], None],
-               on_failure: Callable[[str], None] | None = None) -> None:
+def run_action(
+    action: Action,
+    alarm: Alarm,
+    *,
+    context: Any,
+    request_stop: Callable[[Alarm], None],
+    on_failure: Callable[[str], None] | None = None,
+) -> None:
     """Carry out ``action`` for ``alarm`` (see the module docstring)."""
     level = _LEVELS.get(alarm.severity, logging.WARNING)
     text = f"esdwatch alarm [{alarm.kind}] at step {alarm.step}: {alarm.message}"

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from esdwatch.alarms.rules import (
     ALARM_KINDS,
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 #: an action: one of :data:`ACTIONS` or a callable ``(trainer, alarm) -> None``
-Action = Union[str, Callable[[Any, Alarm], None]]
+Action = str | Callable[[Any, Alarm], None]
 ACTIONS: tuple[str, ...] = ("log", "warn", "stop")
 
 DEFAULT_PATIENCE = 2

@@ -1,4 +1,4 @@
-"""Pathologies as data: typed alarm records evaluated on layer reports (HTSR.md section 6).
+"""Pathologies as data: typed alarm records evaluated on layer reports (docs/metrics.md section 7).
 
 This module is stateless: it says which layers of *one* analysis cross a threshold.
 Patience (consecutive snapshots) and actions (log, warn, stop) belong to the monitor.
@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from esdwatch.schema import (
     ALARM_KINDS,
@@ -66,7 +67,6 @@ __all__ = [
     "NON_FINITE",
     "PHASE_TRANSITION",
 ]
-
 
 
 @dataclass(frozen=True)
@@ -164,8 +164,15 @@ def _finite_or_none(v: Any) -> float | None:
 
 #: The default rules (table in the module docstring).
 DEFAULT_RULES: tuple[AlarmRule, ...] = (
-    AlarmRule(RANK_COLLAPSE, "rank_collapse_fraction", RANK_COLLAPSE_FRACTION, above=True, severity="error",
-              inclusive=True, phase="Rank-collapse"),
+    AlarmRule(
+        RANK_COLLAPSE,
+        "rank_collapse_fraction",
+        RANK_COLLAPSE_FRACTION,
+        above=True,
+        severity="error",
+        inclusive=True,
+        phase="Rank-collapse",
+    ),
     AlarmRule(CORRELATION_TRAP, "num_traps", 1, above=True, inclusive=True),
     AlarmRule(ALPHA_LOW, "alpha", 2.0, above=False),
     AlarmRule(ALPHA_HIGH, "alpha", 6.0, above=True, severity="info"),

@@ -12,7 +12,8 @@ import io
 import json
 import math
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from esdwatch.cli.loading import TargetError, load_target
 from esdwatch.reporting.html import ReportError, build_report
@@ -134,7 +135,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="esdwatch", description="Heavy-tailed spectral analysis of neural network weights.")
+    parser = argparse.ArgumentParser(
+        prog="esdwatch", description="Heavy-tailed spectral analysis of neural network weights."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("analyze", help="analyse the weight matrices of a model or checkpoint")
@@ -161,8 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     try:
-        path = build_report(args.log_dir, args.output, title=args.title, embed=args.embed,
-                            max_layers=None if args.max_layers is not None and args.max_layers < 0 else args.max_layers)
+        path = build_report(
+            args.log_dir,
+            args.output,
+            title=args.title,
+            embed=args.embed,
+            max_layers=None if args.max_layers is not None and args.max_layers < 0 else args.max_layers,
+        )
     except (ReportError, ImportError, OSError) as exc:
         print(f"esdwatch: error: {exc}", file=sys.stderr)
         return 2
@@ -178,13 +186,15 @@ def _add_report_command(subparsers: Any) -> argparse.ArgumentParser:
         description="Reads records.jsonl (and alarms.jsonl, spectra.jsonl) under LOG_DIR and writes index.html "
         "plus PNG figures. Works while the run is still training and on interrupted runs.",
     )
-    p.add_argument("log_dir", metavar="LOG_DIR",
-                   help="the run's log directory, its esdwatch/ directory, or a records.jsonl file")
+    p.add_argument(
+        "log_dir", metavar="LOG_DIR", help="the run's log directory, its esdwatch/ directory, or a records.jsonl file"
+    )
     p.add_argument("--output", "-o", metavar="DIR", help="report directory (default: <records dir>/report)")
     p.add_argument("--title", help="page title")
     p.add_argument("--embed", action="store_true", help="inline the figures: one self-contained HTML file")
-    p.add_argument("--max-layers", type=int, default=64,
-                   help="draw the ESDs of at most this many layers (default 64; -1 for all)")
+    p.add_argument(
+        "--max-layers", type=int, default=64, help="draw the ESDs of at most this many layers (default 64; -1 for all)"
+    )
     p.set_defaults(func=_cmd_report)
     return p
 

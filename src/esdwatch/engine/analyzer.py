@@ -14,9 +14,10 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,8 +220,9 @@ def _screen_layers(mats: Sequence[LayerMatrix], reports: list[LayerReport | None
     return dead_units
 
 
-def _all_eigenvalues(weights: Sequence[Any], scales: Sequence[float], config: AnalysisConfig
-                     ) -> dict[int, torch.Tensor | Exception]:
+def _all_eigenvalues(
+    weights: Sequence[Any], scales: Sequence[float], config: AnalysisConfig
+) -> dict[int, torch.Tensor | Exception]:
     """``{k: eigenvalues of weights[k]}``, or the exception that entry raised.
 
     One batched pass; if a batched call fails (e.g. out of memory), the entries not yet
@@ -258,7 +260,9 @@ def _finish_layer(
     try:
         return _analyze_one(mat, ev, None if isinstance(rand, Exception) else rand, config, dead_units)
     except Exception as exc:
-        log.warning("esdwatch: analysis of layer %r failed: %s", mat.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        log.warning(
+            "esdwatch: analysis of layer %r failed: %s", mat.name, exc, exc_info=log.isEnabledFor(logging.DEBUG)
+        )
         return layer_report(mat, status=STATUS_FAILED, status_detail=f"{type(exc).__name__}: {exc}")
 
 
@@ -324,7 +328,9 @@ def _lora_nonzero(ev: np.ndarray, mat: LayerMatrix) -> np.ndarray:
     return ev[ev > tol]
 
 
-def _trap_fields(mat: LayerMatrix, ev: np.ndarray, rand_evals_t: torch.Tensor, config: AnalysisConfig) -> dict[str, Any]:
+def _trap_fields(
+    mat: LayerMatrix, ev: np.ndarray, rand_evals_t: torch.Tensor, config: AnalysisConfig
+) -> dict[str, Any]:
     kwargs: dict[str, Any] = {} if config.tw_margin is None else {"tw_margin": config.tw_margin}
     fields = trap_fields_from_evals(
         mat.weight, ev, rand_evals_t, mat.N, mat.M, transpose_entries=mat.stored_transposed, **kwargs

@@ -3,7 +3,7 @@
 Pure and framework-light: imports torch and the standard library only (no Lightning, no
 transformers, no peft; foreign layer types are recognised by duck typing).
 
-Conventions (see ``shared/HTSR.md`` section 1)
+Conventions (see ``docs/metrics.md`` section 1)
 ------------------------------------------------
 * Every analysed matrix is returned as a :class:`LayerMatrix` whose ``weight`` has shape
   ``(S, N, M)`` with ``N >= M``: ``S`` slices (1 for a dense matrix) whose eigenvalues
@@ -63,7 +63,7 @@ Matching weightwatcher 0.7.7
   bound applies to the rank r (only r eigenvalues of B@A are non-zero; ww likewise
   tests the A factor, whose M is r). ww's separate ``max_N = 50000`` cap is not applied.
   ww's ``describe()``/``analyze()`` default ``min_evals`` is 8; esdwatch defaults to 50
-  (the size floor of ``shared/HTSR.md``).
+  (the size floor of ``docs/metrics.md``).
 * ``conv2d_norm`` (ww default True) rescales Conv2d kernels before the SVD, which changes
   the norm metrics (log_norm, log_spectral_norm, alpha_weighted ...) but not alpha. ww's
   ``apply_normalize_Wmats`` multiplies by ``sqrt(conv2d_count / 2)``, and
@@ -84,8 +84,9 @@ import fnmatch
 import itertools
 import math
 import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -375,28 +376,51 @@ def _kernel_items(group: str, w: torch.Tensor, conv_mode: str, norm: bool) -> li
     return items
 
 
-def _dense_candidate(group: str, kind: str, module_type: str, module: nn.Module | None, t: Any, pname: str) -> _Candidate:
+def _dense_candidate(
+    group: str, kind: str, module_type: str, module: nn.Module | None, t: Any, pname: str
+) -> _Candidate:
     def make() -> list[_Item]:
         w = t.detach()
         return [_Item(group, _orient(w).unsqueeze(0), 1.0, tuple(w.shape))]
 
-    return _Candidate(group, kind, module_type, module, (t,), pname, [(group, ())], make,
-                      shape=_shape(t) if isinstance(t, torch.Tensor) else ())
+    return _Candidate(
+        group,
+        kind,
+        module_type,
+        module,
+        (t,),
+        pname,
+        [(group, ())],
+        make,
+        shape=_shape(t) if isinstance(t, torch.Tensor) else (),
+    )
 
 
-def _conv_candidate(group: str, kind: str, module_type: str, module: nn.Module | None, t: Any, pname: str,
-                    cfg: _Config) -> _Candidate:
+def _conv_candidate(
+    group: str, kind: str, module_type: str, module: nn.Module | None, t: Any, pname: str, cfg: _Config
+) -> _Candidate:
     norm = cfg.conv2d_norm and kind == "conv2d"
 
     def make() -> list[_Item]:
         return _kernel_items(group, t.detach(), cfg.conv_mode, norm)
 
     names = _kernel_names(group, t, cfg.conv_mode) if isinstance(t, torch.Tensor) else [(group, ())]
-    return _Candidate(group, kind, module_type, module, (t,), pname, names, make,
-                      shape=_shape(t) if isinstance(t, torch.Tensor) else ())
+    return _Candidate(
+        group,
+        kind,
+        module_type,
+        module,
+        (t,),
+        pname,
+        names,
+        make,
+        shape=_shape(t) if isinstance(t, torch.Tensor) else (),
+    )
 
 
-def _in_proj_candidate(group: str, module_type: str, module: nn.Module | None, t: torch.Tensor, pname: str) -> _Candidate:
+def _in_proj_candidate(
+    group: str, module_type: str, module: nn.Module | None, t: torch.Tensor, pname: str
+) -> _Candidate:
     """Packed (3E, E) q/k/v projection -> three (E, E) views named group.q/.k/.v."""
     names = [(f"{group}.{p}", (group,)) for p in "qkv"]
 
@@ -411,8 +435,9 @@ _CONV_KIND = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
 _WEIGHT_KIND = {3: "conv1d", 4: "conv2d", 5: "conv3d"}  # state-dict kernels by ndim
 
 
-def _lora_candidate(group: str, module_type: str, module: nn.Module | None, A: Any, B: Any, scaling: float,
-                    pname: str) -> _Candidate:
+def _lora_candidate(
+    group: str, module_type: str, module: nn.Module | None, A: Any, B: Any, scaling: float, pname: str
+) -> _Candidate:
     """The LoRA update s * B @ A (peft/loralib layout: A (r, in[, *k]), B (out, r[, 1...]))."""
 
     def aligned() -> str | None:
@@ -436,8 +461,9 @@ def _lora_candidate(group: str, module_type: str, module: nn.Module | None, A: A
     known = all(isinstance(t, torch.Tensor) and not _is_uninitialized(t) and t.ndim >= 2 for t in (A, B))
     rank = int(A.shape[0]) if known else None
     shape = (int(B.shape[0]),) + tuple(int(s) for s in A.shape[1:]) if known else ()  # that of the delta
-    return _Candidate(group, "lora", module_type, module, (A, B), pname, [(group, ())], make,
-                      rank=rank, shape=shape, check=aligned)
+    return _Candidate(
+        group, "lora", module_type, module, (A, B), pname, [(group, ())], make, rank=rank, shape=shape, check=aligned
+    )
 
 
 def _lora_suffix(adapter: str) -> str:
@@ -481,8 +507,9 @@ def _lora_scaling(module: nn.Module, adapter: str) -> float:
     return 1.0
 
 
-def _module_candidates(name: str, mod: nn.Module, cfg: _Config, factor_ids: set[int],
-                       deferred: list[_Candidate]) -> list[_Candidate]:
+def _module_candidates(
+    name: str, mod: nn.Module, cfg: _Config, factor_ids: set[int], deferred: list[_Candidate]
+) -> list[_Candidate]:
     """Candidates a module contributes by itself (children are visited separately)."""
     tname = type(mod).__name__
     pfx = f"{name}." if name else ""
@@ -508,10 +535,17 @@ def _module_candidates(name: str, mod: nn.Module, cfg: _Config, factor_ids: set[
             if adapter in Bs:
                 is_lora = True
                 key = f".{adapter}" if adapter else ""
-                deferred.append(_lora_candidate(
-                    f"{name}{_lora_suffix(adapter)}", tname, mod, As[adapter], Bs[adapter],
-                    _lora_scaling(mod, adapter), f"{pfx}{a_attr}{key}",
-                ))
+                deferred.append(
+                    _lora_candidate(
+                        f"{name}{_lora_suffix(adapter)}",
+                        tname,
+                        mod,
+                        As[adapter],
+                        Bs[adapter],
+                        _lora_scaling(mod, adapter),
+                        f"{pfx}{a_attr}{key}",
+                    )
+                )
     if is_lora and isinstance(getattr(mod, "base_layer", None), nn.Module):
         # peft: the base weight lives in the `base_layer` child (found there, under that
         # name); the wrapper's `weight` property merely forwards to it.
@@ -608,8 +642,8 @@ def _iter_state_dict(sd: Mapping[str, Any], cfg: _Config) -> Iterator[LayerMatri
             # LoRA factors never stand alone: A yields the product with its B.
             if m["ab"] == "B":
                 continue
-            b_stem = stem[: m.start("ab")] + "B" + stem[m.end("ab"):]
-            b_key = b_stem + key[len(stem):]
+            b_stem = stem[: m.start("ab")] + "B" + stem[m.end("ab") :]
+            b_key = b_stem + key[len(stem) :]
             base = m["base"] or ""
             group = f"{base}{_lora_suffix(m['ad'] or '')}"
             B = sd.get(b_key)
@@ -649,8 +683,9 @@ def _iter_state_dict(sd: Mapping[str, Any], cfg: _Config) -> Iterator[LayerMatri
 # -------------------------------------------------------------------------- pipeline
 
 
-def _process(cand: _Candidate, cfg: _Config, seen: dict[tuple, tuple[str, torch.Tensor]]
-             ) -> Iterator[LayerMatrix | SkippedLayer]:
+def _process(
+    cand: _Candidate, cfg: _Config, seen: dict[tuple, tuple[str, torch.Tensor]]
+) -> Iterator[LayerMatrix | SkippedLayer]:
     keep = [n for n, extra in cand.names if cfg.selected((n,) + extra, cand.kind, cand.module)]
     if not keep:
         return  # filtered out by the user: not a skip

@@ -1,4 +1,4 @@
-"""Per-layer HT-SR metrics computed from the eigenvalues of W^T W (HTSR.md section 4).
+"""Per-layer HT-SR metrics computed from the eigenvalues of W^T W (docs/metrics.md section 4).
 
 Every function takes the M meaningful eigenvalues lambda_i = nu_i^2 (unnormalized,
 any order, exact zeros allowed) and returns plain floats. Nothing here knows about

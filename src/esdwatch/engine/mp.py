@@ -1,6 +1,6 @@
 """Marchenko-Pastur law, robust MP fit of an ESD bulk, Tracy-Widom edge and spikes.
 
-Pure numpy/scipy. Conventions (project-wide, see ``HTSR.md`` sections 1-2):
+Pure numpy/scipy. Conventions (project-wide, see ``docs/metrics.md`` sections 1-2):
 
 * W is N x M with N >= M, Q = N / M >= 1. The inputs of :func:`fit_mp` are the M
   eigenvalues lambda_i = nu_i^2 of W^T W in *unnormalized* units (not divided by N).
@@ -359,9 +359,22 @@ class MPFit:
 
 def _nan_fit(N, M, Q, method, status, lambda_max=NAN, num_zero=-1) -> MPFit:
     return MPFit(
-        sigma2=NAN, lambda_plus=NAN, lambda_minus=NAN, bulk_max=NAN, tw_scale=NAN,
-        spike_threshold=NAN, num_spikes=-1, ks=NAN, softrank=NAN, N=N, M=M, Q=Q,
-        lambda_max=lambda_max, num_zero=num_zero, method=method, status=status,
+        sigma2=NAN,
+        lambda_plus=NAN,
+        lambda_minus=NAN,
+        bulk_max=NAN,
+        tw_scale=NAN,
+        spike_threshold=NAN,
+        num_spikes=-1,
+        ks=NAN,
+        softrank=NAN,
+        N=N,
+        M=M,
+        Q=Q,
+        lambda_max=lambda_max,
+        num_zero=num_zero,
+        method=method,
+        status=status,
     )
 
 
@@ -561,8 +574,7 @@ def fit_mp(
             return _ks(xb, math.exp(t), qb)
 
         t0 = math.log(sigma2)
-        res = minimize_scalar(objective, bounds=(t0 - 0.7, t0 + 0.7), method="bounded",
-                              options={"xatol": 1e-5})
+        res = minimize_scalar(objective, bounds=(t0 - 0.7, t0 + 0.7), method="bounded", options={"xatol": 1e-5})
         if res.success and res.fun <= objective(t0):
             sigma2 = float(math.exp(res.x))
 

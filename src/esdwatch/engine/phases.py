@@ -1,4 +1,4 @@
-"""The 5+1 phases of training (Martin & Mahoney, JMLR 2021; HTSR.md section 5) of one ESD.
+"""The 5+1 phases of training (Martin & Mahoney, JMLR 2021; docs/metrics.md section 5) of one ESD.
 
 :func:`classify` turns the M meaningful eigenvalues lambda_i = nu_i^2 of W^T W
 (unnormalized, W of shape N x M with N >= M) into a :class:`PhaseResult`: a
@@ -35,7 +35,7 @@ Evidence
 Decision rules (applied in this order; every number is a :class:`PhaseThresholds` field)
 ------------------------------------------------------------------------------------
 0. **Unknown** if any eigenvalue is NaN/inf or negative beyond rounding, or fewer than
-   ``min_evals = 50`` eigenvalues (the size floor of HTSR.md section 1) are given, or the
+   ``min_evals = 50`` eigenvalues (the size floor of docs/metrics.md section 1) are given, or the
    MP fit fails. (An all-zero spectrum is Rank-collapse, rule 1, at any size.)
 1. **Rank-collapse** if ``near_zero_fraction >= collapse_fraction = 0.25`` with
    ``zero_tol = 1e-6`` (nu_i < 1e-3 nu_max, the tolerance of
@@ -56,7 +56,7 @@ Decision rules (applied in this order; every number is a :class:`PhaseThresholds
    its bulk: more than a few spikes), ``energy_above_edge >= ht_energy = 0.4`` (the
    eigenvalues outside the bulk carry >= 40% of ||W||_F^2: lambda_max >> lambda_plus
    and heavy mass above it, so MP no longer describes W) and ``alpha <= ht_alpha = 4``
-   (the finite-size alpha of the heavy-tailed universality classes mu < 4, HTSR.md
+   (the finite-size alpha of the heavy-tailed universality classes mu < 4, docs/metrics.md
    section 3; typical well-trained layers have 2 <= alpha <= 4; a layer with a heavy
    but steeper tail, alpha > 4, is weakly heavy-tailed, mu > 4: MP bulk plus a power-law
    tail, i.e. Bulk-decay).
@@ -82,8 +82,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -104,8 +105,6 @@ __all__ = [
 NAN = float("nan")
 
 
-
-
 @dataclass(frozen=True)
 class PhaseThresholds:
     """Every number the decision rules use (see the module docstring for the rules).
@@ -113,7 +112,7 @@ class PhaseThresholds:
     Attributes
     ----------
     min_evals:
-        Fewer eigenvalues than this and the phase is Unknown (HTSR.md size floor, 50).
+        Fewer eigenvalues than this and the phase is Unknown (docs/metrics.md size floor, 50).
     zero_tol:
         An eigenvalue is numerically zero below ``zero_tol * lambda_max`` (1e-6, i.e.
         nu < 1e-3 nu_max; the same tolerance as ``LayerReport.rank_collapse_fraction``).
@@ -343,8 +342,12 @@ def classify(
     # -- rule 1: rank collapse (checked first, at any size) ---------------------------
     if not lam_max > 0:
         return PhaseResult(
-            Phase.RANK_COLLAPSE, 1.0, "all-zero matrix: every eigenvalue is 0",
-            **base, near_zero_fraction=1.0, zero_gap=math.inf,
+            Phase.RANK_COLLAPSE,
+            1.0,
+            "all-zero matrix: every eigenvalue is 0",
+            **base,
+            near_zero_fraction=1.0,
+            zero_gap=math.inf,
         )
     tol = th.zero_tol * lam_max
     n_zero = int(np.searchsorted(ev, tol, side="left"))  # count of lambda < tol
@@ -362,9 +365,11 @@ def classify(
     if near_zero_fraction >= th.collapse_fraction and zero_gap >= th.collapse_gap:
         conf = min(m_zero, _ratio_margin(zero_gap, th.collapse_gap, th.conf_factor))
         return PhaseResult(
-            Phase.RANK_COLLAPSE, conf,
+            Phase.RANK_COLLAPSE,
+            conf,
             f"{near_zero_fraction:.0%} of the eigenvalues are numerically zero (< {th.zero_tol:g} lambda_max), "
-            f"separated by a factor {_fmt(zero_gap)} from the rest (>= {th.collapse_fraction:g} and {th.collapse_gap:g})",
+            f"separated by a factor {_fmt(zero_gap)} from the rest "
+            f"(>= {th.collapse_fraction:g} and {th.collapse_gap:g})",
             **base,
         )
     # not collapsed: either too few zeros (margin of the fraction) or zeros that are not
@@ -435,7 +440,8 @@ def classify(
     path_margins.append(m_edge)
     if n_above == 0:
         return result(
-            Phase.RANDOM_LIKE, path_margins,
+            Phase.RANDOM_LIKE,
+            path_margins,
             f"MP bulk with a TW edge: lambda_max is {t_max:.2g} TW scales from lambda_plus (<= {th.tw_margin:g})",
         )
 
@@ -445,7 +451,8 @@ def classify(
     path_margins.append(m_spike)
     if n_far == 0:
         return result(
-            Phase.BLEEDING_OUT, path_margins,
+            Phase.BLEEDING_OUT,
+            path_margins,
             f"{n_above} eigenvalue(s) just above the MP edge: lambda_max = {ratio:.3g} lambda_plus "
             f"({t_max:.3g} TW scales), none beyond {1 + th.spike_rel:g} lambda_plus",
         )
@@ -461,7 +468,8 @@ def classify(
     }
     if all(ok for ok, _ in ht_checks.values()):
         return result(
-            Phase.HEAVY_TAILED, path_margins + [min(m for _, m in ht_checks.values())],
+            Phase.HEAVY_TAILED,
+            path_margins + [min(m for _, m in ht_checks.values())],
             f"no good MP edge: {mass_above:.1%} of the eigenvalues (>= {th.ht_mass:g}) and {energy_above:.0%} "
             f"of ||W||_F^2 (>= {th.ht_energy:g}) above it, lambda_max = {ratio:.3g} lambda_plus; "
             f"power-law tail alpha = {alpha:.3g} (<= {th.ht_alpha:g})",
@@ -475,12 +483,14 @@ def classify(
     path_margins.append(m_near)
     if n_near < th.decay_min_near:
         return result(
-            Phase.BULK_PLUS_SPIKES, path_margins,
+            Phase.BULK_PLUS_SPIKES,
+            path_margins,
             f"MP bulk plus {n_far} separated spike(s) up to {ratio:.3g} lambda_plus "
             f"({t_max:.3g} TW scales); {n_near} eigenvalue(s) near the edge (< {th.decay_min_near})",
         )
     return result(
-        Phase.BULK_DECAY, path_margins,
+        Phase.BULK_DECAY,
+        path_margins,
         f"{n_above} eigenvalues ({mass_above:.1%}) above the MP edge: {n_near} near it and {n_far} spike(s) "
         f"up to {ratio:.3g} lambda_plus; not heavy-tailed ({failed} below threshold; alpha = {_fmt(alpha)})",
     )

@@ -238,23 +238,19 @@ def fit_power_law(
             return _replace(
                 fit,
                 num_candidates=num_candidates,
-                reason=fit.reason
-                or "no admissible candidate in the peak window; xmin fixed at the peak",
+                reason=fit.reason or "no admissible candidate in the peak window; xmin fixed at the peak",
             )
     else:
         active = np.flatnonzero(admissible)
         if active.size == 0:
             return _no_fit(
                 method,
-                "no candidate xmin gives alpha in "
-                f"[{lo + _RANGE_MARGIN:g}, {hi - _RANGE_MARGIN:g}]",
+                f"no candidate xmin gives alpha in [{lo + _RANGE_MARGIN:g}, {hi - _RANGE_MARGIN:g}]",
                 xmax_value=xmax_value,
                 num_candidates=num_candidates,
             )
 
-    best = _argmin_ks(
-        np.log(values), less, active, alphas[active], n_tail[active], max_chunk_elements
-    )
+    best = _argmin_ks(np.log(values), less, active, alphas[active], n_tail[active], max_chunk_elements)
     fit = _fit_fixed_xmin(x, float(values[best]), method=method)
     return _replace(fit, num_candidates=num_candidates)
 
@@ -353,9 +349,7 @@ def _argmin_ks(
         )
         # The exact D of a few promising candidates is a much tighter threshold than the
         # smallest upper bound, for the price of a few O(n) rows.
-        probes = np.unique(
-            np.concatenate([np.argsort(lower)[:_PRUNE_PROBES], np.argsort(upper)[:_PRUNE_PROBES]])
-        )
+        probes = np.unique(np.concatenate([np.argsort(lower)[:_PRUNE_PROBES], np.argsort(upper)[:_PRUNE_PROBES]]))
         threshold = min(float(upper.min()), float(exact(keep[probes]).min()))
         # The slack only keeps more candidates: it guards the proof against a last-bit
         # rounding difference between a bound and the exact value it bounds.
@@ -461,9 +455,7 @@ def _fit_fixed_xmin(x: FloatArray, xmin: float, *, method: str) -> PowerLawFit:
         values, first = np.unique(tail, return_index=True)  # first[j] = #{tail < u_j}
         fitted_cdf = 1.0 - (values / xmin) ** (1.0 - alpha)
         dist = float(np.max(np.abs(fitted_cdf - first / n)))
-    return PowerLawFit(
-        alpha=alpha, xmin=xmin, xmax=xmax_value, D=dist, n_tail=n, sigma=sigma, method=method
-    )
+    return PowerLawFit(alpha=alpha, xmin=xmin, xmax=xmax_value, D=dist, n_tail=n, sigma=sigma, method=method)
 
 
 def _log_esd_peak(x: FloatArray) -> float:

@@ -8,7 +8,7 @@ zeros of W W^T are never produced here.
 Two numerical routes give the same lambda_i:
 
 * ``"gram"``: form the M x M Gram matrix W^T W and call ``torch.linalg.eigvalsh``,
-  several times faster than an SVD (HTSR.md section 4). In float64 the error on every
+  several times faster than an SVD (docs/metrics.md section 4). In float64 the error on every
   eigenvalue is about eps64 * lambda_max ~ 1e-16 lambda_max, far below anything a
   power-law fit or a norm metric can see.
 * ``"svd"``: ``torch.linalg.svdvals`` and square. Forming the Gram matrix squares the
@@ -51,8 +51,9 @@ soon as its eigenvalues are known.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Sequence, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -62,7 +63,14 @@ from esdwatch.engine.threads import blas_control_available, parallel_map
 Method = Literal["auto", "gram", "svd"]
 Backend = Literal["auto", "torch", "blas"]
 
-__all__ = ["eigenvalues", "batch_eigenvalues", "iter_eigenvalues", "resolve_method", "resolve_backend", "DeferredMatrix"]
+__all__ = [
+    "eigenvalues",
+    "batch_eigenvalues",
+    "iter_eigenvalues",
+    "resolve_method",
+    "resolve_backend",
+    "DeferredMatrix",
+]
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,7 @@ class DeferredMatrix:
         return self.make(self.source)
 
 
-MatrixLike = Union[torch.Tensor, DeferredMatrix]
+MatrixLike = torch.Tensor | DeferredMatrix
 
 
 def resolve_method(method: Method, dtype: torch.dtype) -> Literal["gram", "svd"]:

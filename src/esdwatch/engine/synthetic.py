@@ -1,4 +1,4 @@
-"""Seeded synthetic weight matrices of a known phase of training (HTSR.md section 5).
+"""Seeded synthetic weight matrices of a known phase of training (docs/metrics.md section 5).
 
 Ground truth for :mod:`esdwatch.engine.phases`. Every generator returns an ``N x M`` float64
 torch tensor (any orientation is accepted: N < M gives the transpose of the N >= M
@@ -12,7 +12,7 @@ with G standard Gaussian, whose Gram matrix ``Z^T Z`` follows Marchenko-Pastur o
 unit vectors u (in R^N) and v (in R^M). By the BBP transition for rectangular
 information-plus-noise matrices (Benaych-Georges & Nadakuditi 2012) such a term
 produces an outlier singular value of ``Z + theta u v^T`` only if
-``theta > theta_c = c^(1/4)`` (HTSR.md: |Delta| > sigma Q^(-1/4)), at::
+``theta > theta_c = c^(1/4)`` (docs/metrics.md: |Delta| > sigma Q^(-1/4)), at::
 
     s^2(theta) = (1 + theta^2)(c + theta^2) / theta^2     (> (1 + sqrt c)^2 = edge)
 
@@ -48,7 +48,7 @@ Bulk-decay     noise + many rank-one signals of power-law           top outlier 
                eigenmass through the edge, sub-threshold            measured: 3-10% of the eigenvalues and <= 30%
                components smearing the edge (:func:`bulk_decay`)    of ||W||_F^2 above the edge, alpha > 3.3
 Heavy-Tailed   i.i.d. symmetric Pareto entries, P(|x| > t) =        mu in [1, 2]. For 2 < mu < 4 the ESD has no
-               t^-mu for t >= 1 (HTSR.md section 3)                 MP edge only as N -> oo: at N <= 2048 it
+               t^-mu for t >= 1 (docs/metrics.md section 3)                 MP edge only as N -> oo: at N <= 2048 it
                                                                     keeps an MP-like bulk with a few outliers
                                                                     (Bulk-decay at mu = 2.5, Bleeding-out or
                                                                     Random-like from mu = 3; finite-size
@@ -62,7 +62,8 @@ Rank-collapse  inner rank r in [1, M / 2] (``A B / sqrt r``) plus   >= 25% of th
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -280,7 +281,13 @@ def bleeding_out(
     shape and no ``rel`` is given.
     """
     return _spiked_phase(
-        N, M, seed, sigma, rank, rel, dtype,
+        N,
+        M,
+        seed,
+        sigma,
+        rank,
+        rel,
+        dtype,
         draw_rank=lambda rng, M: int(rng.integers(1, 4)),
         draw_rels=_bleeding_rels,
     )
@@ -302,7 +309,13 @@ def bulk_plus_spikes(
     log-uniform draw in [1, 10] (lambda_out between 2 and 11 lambda_plus).
     """
     return _spiked_phase(
-        N, M, seed, sigma, rank, rel, dtype,
+        N,
+        M,
+        seed,
+        sigma,
+        rank,
+        rel,
+        dtype,
         draw_rank=lambda rng, M: int(rng.integers(1, max(1, min(5, M // 40)) + 1)),
         draw_rels=lambda rng, N, M, rank: np.exp(rng.uniform(math.log(1.0), math.log(10.0), size=rank)),
     )
@@ -365,7 +378,7 @@ def heavy_tailed(
     """Heavy-Tailed: i.i.d. symmetric Pareto entries, ``P(|x| > t) = t^(-mu)`` for t >= 1.
 
     ``|x| = U^(-1/mu)`` with U uniform on (0, 1], random signs; ``mu`` defaults to a
-    uniform draw in [1.0, 2.0]. For mu < 4 the ESD has no MP edge (HTSR.md section 3).
+    uniform draw in [1.0, 2.0]. For mu < 4 the ESD has no MP edge (docs/metrics.md section 3).
     """
     N, M, tr, rng = _start(N, M, seed)
     if mu is None:

@@ -22,8 +22,9 @@ import contextlib
 import ctypes
 import os
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -155,9 +156,12 @@ def parallel_map(
             yield i, result  # outside the cap: the caller's work between items runs uncapped
         return
     order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
-    with limit_blas_threads(1), ThreadPoolExecutor(
-        max_workers=min(n_threads, len(items)), initializer=limit_openmp_threads, initargs=(1,)
-    ) as pool:
+    with (
+        limit_blas_threads(1),
+        ThreadPoolExecutor(
+            max_workers=min(n_threads, len(items)), initializer=limit_openmp_threads, initargs=(1,)
+        ) as pool,
+    ):
         futures = {pool.submit(fn, items[i]): i for i in order}
         try:
             for future in as_completed(futures):

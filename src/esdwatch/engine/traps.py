@@ -1,12 +1,13 @@
-"""Correlation traps (HTSR.md section 6): large elements that masquerade as signal.
+"""Correlation traps (docs/metrics.md section 6): large elements that masquerade as signal.
 
 Randomize W element-wise (a seeded random permutation of its entries, centered on their
 mean, see :func:`randomize_matrix`) and recompute the ESD. The permutation keeps every
 entry, so it keeps their distribution, and destroys every correlation between rows and
-columns. A healthy randomized ESD is therefore Marchenko-Pastur. If the randomized ESD still has eigenvalues far above its *own* MP
-edge, they come from a few unusually large elements (an isolated entry x puts an
-eigenvalue near x^2 whatever its position): spurious eigenvalues that are not due to
-correlations learned from the data, typical of too large a learning rate.
+columns. A healthy randomized ESD is therefore Marchenko-Pastur. If the randomized ESD
+still has eigenvalues far above its *own* MP edge, they come from a few unusually large
+elements (an isolated entry x puts an eigenvalue near x^2 whatever its position):
+spurious eigenvalues that are not due to correlations learned from the data, typical of
+too large a learning rate.
 
 Definitions
 -----------
@@ -41,8 +42,9 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -139,7 +141,7 @@ def format_entries(entries: Sequence[TrapEntry]) -> str:
 #: shapes at every snapshot and a model repeats shapes across layers, while drawing a
 #: uniform permutation is cache-miss bound (figures: experiments/results/engine_design_notes.md).
 #: Bounded by the total number of int32 indices held (64M: 256 MB at most).
-_PERM_CACHE: "OrderedDict[tuple[int, int, str], torch.Tensor]" = OrderedDict()
+_PERM_CACHE: OrderedDict[tuple[int, int, str], torch.Tensor] = OrderedDict()
 _PERM_CACHE_MAX_ENTRIES = 64 * 2**20
 _PERM_CACHE_LOCK = threading.Lock()
 
@@ -327,8 +329,11 @@ def largest_entries(W: Any, k: int, *, transpose: bool = False) -> tuple[TrapEnt
         if transpose:
             r, c = c, r
         v = float(flat[i].item())
-        out.append(TrapEntry(row=int(r), col=int(c), value=v, zscore=(v - mean) / std if std and std > 0 else NAN,
-                             slice=int(s)))
+        out.append(
+            TrapEntry(
+                row=int(r), col=int(c), value=v, zscore=(v - mean) / std if std and std > 0 else NAN, slice=int(s)
+            )
+        )
     return tuple(out)
 
 
@@ -366,7 +371,13 @@ def trap_fields_from_evals(
     rev = _as_numpy(rand_evals)
     N, M = max(int(N), int(M)), min(int(N), int(M))
     if not (np.isfinite(rev).all() and np.isfinite(ev).all()) or rev.size == 0:
-        return {"num_traps": -1, "rand_distance": NAN, "rand_lambda_max": NAN, "rand_lambda_plus": NAN, "trap_entries": ""}
+        return {
+            "num_traps": -1,
+            "rand_distance": NAN,
+            "rand_lambda_max": NAN,
+            "rand_lambda_plus": NAN,
+            "trap_entries": "",
+        }
     num, rmax, rplus, _, _ = _rand_fit(np.clip(rev, 0.0, None), N, M, tw_margin)
     entries: tuple[TrapEntry, ...] = ()
     if num > 0 and W is not None:
@@ -464,6 +475,11 @@ def trap_fields(mat: LayerMatrix, report: Any, config: Any) -> dict[str, Any]:
     else:
         rand_evals = batch_eigenvalues([R], dtype=dtype, device=device, method=method, scales=[mat.scale])[0]
     return trap_fields_from_evals(
-        W, evals, rand_evals, mat.N, mat.M, tw_margin=tw_margin,
+        W,
+        evals,
+        rand_evals,
+        mat.N,
+        mat.M,
+        tw_margin=tw_margin,
         transpose_entries=mat.stored_transposed,
     )

@@ -87,11 +87,14 @@ class ESDMonitorBase:
     semantics are :class:`esdwatch.monitor.Monitor`'s.
     """
 
-    @takes_monitor_options(FrameworkOptions, doc="""The Lightning callback of :class:`esdwatch.monitor.Monitor`.
+    @takes_monitor_options(
+        FrameworkOptions,
+        doc="""The Lightning callback of :class:`esdwatch.monitor.Monitor`.
 
     ``log_dir`` defaults to the first logger's ``log_dir`` (else its ``save_dir``, else the
     Trainer's ``default_root_dir``); two monitors with the same ``log_dir`` need distinct
-    ``name``s (an error at setup otherwise).""")
+    ``name``s (an error at setup otherwise).""",
+    )
     def __init__(self, **options: Any):
         super().__init__()
         framework = {f.name for f in dataclasses.fields(FrameworkOptions)}
@@ -107,7 +110,9 @@ class ESDMonitorBase:
     every_n_epochs = property(lambda self: self.options.every_n_epochs)
     name = property(lambda self: self.options.name)
     log_dir = property(lambda self: self.options.log_dir)
-    sinks = property(lambda self: list(self.options.sinks or []), doc="The user's sinks (the loggers' are added per fit).")
+    sinks = property(
+        lambda self: list(self.options.sinks or []), doc="The user's sinks (the loggers' are added per fit)."
+    )
 
     # ---------------------------------------------------------------- plumbing
 
@@ -120,8 +125,12 @@ class ESDMonitorBase:
     def state_key(self) -> str:
         o = self.options
         return self._generate_state_key(  # type: ignore[attr-defined]
-            every_n_steps=o.every_n_steps, every_n_epochs=o.every_n_epochs,
-            layers=o.layers, exclude=o.exclude, types=o.selection.types, name=o.name,
+            every_n_steps=o.every_n_steps,
+            every_n_epochs=o.every_n_epochs,
+            layers=o.layers,
+            exclude=o.exclude,
+            types=o.selection.types,
+            name=o.name,
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -171,6 +180,7 @@ class ESDMonitorBase:
         first for every reader, and their logger tags would collide too. Raised on every
         rank, at ``setup``, before anything is written.
         """
+
         def where(cb: ESDMonitorBase) -> tuple[str | None, str | None]:
             return (None if cb.log_dir is None else str(cb.log_dir).rstrip("/"), cb.name)
 
@@ -197,8 +207,11 @@ class ESDMonitorBase:
         summary = mon.latest_summary if on_epoch else mon.pop_summary()
         if not summary:
             return
-        values = {f"{mon.summary_prefix}/{k}": float(v) for k, v in summary.items()
-                  if v is not None and math.isfinite(float(v))}
+        values = {
+            f"{mon.summary_prefix}/{k}": float(v)
+            for k, v in summary.items()
+            if v is not None and math.isfinite(float(v))
+        }
         if not values:
             return
         try:
@@ -206,8 +219,15 @@ class ESDMonitorBase:
                 # distributed runs: every rank logs the same values (each assembles the complete
                 # snapshot at the same exchange), so Lightning's advice to sync_dist does not apply
                 warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
-                pl_module.log_dict(values, on_step=not on_epoch, on_epoch=on_epoch, logger=False,
-                                   prog_bar=False, batch_size=1, sync_dist=False)
+                pl_module.log_dict(
+                    values,
+                    on_step=not on_epoch,
+                    on_epoch=on_epoch,
+                    logger=False,
+                    prog_bar=False,
+                    batch_size=1,
+                    sync_dist=False,
+                )
         except Exception as exc:  # logging is a convenience: never fail training for it
             log.debug("esdwatch: pl_module.log_dict failed: %s", exc)
 
@@ -233,8 +253,11 @@ class ESDMonitorBase:
         strategy = trainer.strategy
         options = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(MonitorOptions)}
         mon = Monitor(
-            pl_module, **{**options, "log_dir": log_dir, "sinks": sinks}, rank=rank,
-            world_size=int(getattr(trainer, "world_size", 1)), context=trainer,
+            pl_module,
+            **{**options, "log_dir": log_dir, "sinks": sinks},
+            rank=rank,
+            world_size=int(getattr(trainer, "world_size", 1)),
+            context=trainer,
             # the wrapped model (DDP / FSDP1 root), resolved at each snapshot: strategies wrap it after setup()
             root_module=lambda: getattr(strategy, "model", None),
         )
@@ -323,7 +346,9 @@ def callback_class(framework: str | None = None) -> type:
     if framework == "pytorch_lightning":
         return _get("PLESDMonitor")
     if framework is not None:
-        raise ValueError(f"framework must be 'lightning', 'lightning.pytorch' or 'pytorch_lightning', got {framework!r}")
+        raise ValueError(
+            f"framework must be 'lightning', 'lightning.pytorch' or 'pytorch_lightning', got {framework!r}"
+        )
     errors = []
     for cls_name in ("LightningESDMonitor", "PLESDMonitor"):
         try:

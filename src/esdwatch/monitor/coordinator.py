@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -59,7 +59,7 @@ class MonitorParts:
     stop: StopDecision
     stats: dict[str, float]
     #: the model to snapshot and the module holding its FSDP1 units (looked up at each snapshot)
-    model_and_root: Callable[[], tuple[torch.nn.Module, "torch.nn.Module | None"]]
+    model_and_root: Callable[[], tuple[torch.nn.Module, torch.nn.Module | None]]
     writer: bool
 
 
@@ -122,8 +122,14 @@ class Coordinator:
         self.skipped_steps.append(step)
         del self.skipped_steps[:-SKIPPED_KEEP]
         ex = self.p.options.execution
-        nice = (f", or worker_nice=0 (worker_nice={ex.worker_nice} yields the CPU to training and other "
-                f"processes, so a saturated CPU starves the worker)") if ex.worker_nice else ""
+        nice = (
+            (
+                f", or worker_nice=0 (worker_nice={ex.worker_nice} yields the CPU to training and other "
+                f"processes, so a saturated CPU starves the worker)"
+            )
+            if ex.worker_nice
+            else ""
+        )
         self.p.faults.warn_once(
             "backpressure",
             f"esdwatch: the analysis worker is still busy; skipped the snapshot at step {step} "
@@ -158,14 +164,19 @@ class Coordinator:
             if rep.status == STATUS_FAILED:
                 stats["failed_layers"] += 1
                 failures.append(f"{rep.name}: {rep.status_detail}")
-                log.warning("esdwatch: analysis of layer %r at step %d failed: %s", rep.name, res.step,
-                            rep.status_detail)
+                log.warning(
+                    "esdwatch: analysis of layer %r at step %d failed: %s", rep.name, res.step, rep.status_detail
+                )
                 if res.tracebacks.get(rep.name):
                     log.debug("esdwatch: traceback for layer %r:\n%s", rep.name, res.tracebacks[rep.name])
         if res.error and not res.reports:
             failures.append(res.error.strip().splitlines()[-1])
-            log.error("esdwatch: analysis of the snapshot at step %d failed (layers %s): %s",
-                      res.step, ", ".join(res.names) or "?", res.error.strip().splitlines()[-1])
+            log.error(
+                "esdwatch: analysis of the snapshot at step %d failed (layers %s): %s",
+                res.step,
+                ", ".join(res.names) or "?",
+                res.error.strip().splitlines()[-1],
+            )
         self.p.budget.charge(res.cpu_s, self._copy_s.pop(res.seq, 0.0), res.wall_s)
         if failures:
             self.p.faults.fail(f"esdwatch: analysis failed at step {res.step} (strict=True): " + "; ".join(failures))

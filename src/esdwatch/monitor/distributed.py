@@ -72,8 +72,9 @@ import dataclasses
 import logging
 import math
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -288,7 +289,7 @@ def clean_fsdp_name(name: str) -> str:
         for w in _WRAPPER_COMPONENTS:
             if p.startswith(w + "["):
                 if out:
-                    out[-1] += p[len(w):]
+                    out[-1] += p[len(w) :]
                 p = ""
                 break
         if p:
@@ -351,8 +352,9 @@ def plan_snapshot(
         elif owner == rank:
             owned.append((i, mat))
             private.append(False)
-    return ShardPlan([m.name for m in mats], owners, costs, owned, private, skipped,
-                     "dtensor" if sharded else "replicated")
+    return ShardPlan(
+        [m.name for m in mats], owners, costs, owned, private, skipped, "dtensor" if sharded else "replicated"
+    )
 
 
 @contextlib.contextmanager
@@ -399,8 +401,14 @@ def _only(names: Sequence[str]) -> str:
     return f"re:^(?!(?:{body})$)"
 
 
-def _plan_fsdp1(model: nn.Module, layer_options: Mapping[str, Any], rank: int, world_size: int, root: nn.Module,
-                units: list[nn.Module]) -> ShardPlan:
+def _plan_fsdp1(
+    model: nn.Module,
+    layer_options: Mapping[str, Any],
+    rank: int,
+    world_size: int,
+    root: nn.Module,
+    units: list[nn.Module],
+) -> ShardPlan:
     names: list[str] = []
     owners: list[int] = []
     costs: list[float] = []
@@ -411,7 +419,9 @@ def _plan_fsdp1(model: nn.Module, layer_options: Mapping[str, Any], rank: int, w
     seen: set[str] = set()
     members = _unit_modules(model, root, units)
     user_exclude = layer_options.get("exclude")
-    user_exclude = [] if user_exclude is None else ([user_exclude] if isinstance(user_exclude, str) else list(user_exclude))
+    user_exclude = (
+        [] if user_exclude is None else ([user_exclude] if isinstance(user_exclude, str) else list(user_exclude))
+    )
     for unit in units:
         if not members[id(unit)]:
             continue

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from esdwatch.errors import EsdwatchError
 from esdwatch.monitor.coordinator import Coordinator, MonitorParts
@@ -97,8 +98,9 @@ class DistributedCoordinator(Coordinator):
     def before_checkpoint(self, drain: Callable[[], bool], running: bool) -> None:
         if running:  # collective: drain here, then one exchange so that rank 0 writes every part first
             drain()
-            self.exchange(self.p.schedule.last_step, self.p.schedule.last_epoch, take=False, reason="checkpoint",
-                          stop=False)
+            self.exchange(
+                self.p.schedule.last_step, self.p.schedule.last_epoch, take=False, reason="checkpoint", stop=False
+            )
 
     def raise_pending(self) -> None:
         # only errors shared at an exchange: every rank raises the same one at the same point
@@ -114,8 +116,9 @@ class DistributedCoordinator(Coordinator):
         self.attempts = snapshots + skipped
 
     # ---- the exchange
-    def exchange(self, step: int, epoch: int, *, take: bool, reason: str, block: bool | None = None,
-                 stop: bool = True) -> None:
+    def exchange(
+        self, step: int, epoch: int, *, take: bool, reason: str, block: bool | None = None, stop: bool = True
+    ) -> None:
         """One exchange, on every rank at the same point.
 
         Sends this rank's finished parts, publishes every snapshot now complete, updates
@@ -131,8 +134,13 @@ class DistributedCoordinator(Coordinator):
                 for res in self.p.runtime.wait(1.0):
                     self.collect(res)
         err = self.p.faults.take_pending()
-        payload = {"rank": self.rank, "parts": self._local, "free": pool.free_slots() > 0,
-                   "cost": self.p.budget.costs().as_tuple(), "error": None if err is None else str(err)}
+        payload = {
+            "rank": self.rank,
+            "parts": self._local,
+            "free": pool.free_slots() > 0,
+            "cost": self.p.budget.costs().as_tuple(),
+            "error": None if err is None else str(err),
+        }
         t0 = time.perf_counter()
         gathered = comm.all_gather_object(payload)
         self._local = []
@@ -171,16 +179,31 @@ class DistributedCoordinator(Coordinator):
             return
         self.seq += 1
         plan = taken.plan
-        self._meta[seq] = {"step": step, "epoch": epoch, "names": plan.names, "owners": plan.owners,
-                           "costs": plan.costs, "mode": plan.mode, "reason": reason}
+        self._meta[seq] = {
+            "step": step,
+            "epoch": epoch,
+            "names": plan.names,
+            "owners": plan.owners,
+            "costs": plan.costs,
+            "mode": plan.mode,
+            "reason": reason,
+        }
         if taken.outcome is not Outcome.SUBMITTED:  # nothing to analyse here, or the copy failed
             self._local.append(self._part(seq, wall_time, [], taken.error))
         self._took(step, seq, taken)
 
-    def _part(self, seq: int, wall_time: float, reports: list, error: str | None, cpu_s: float = 0.0,
-              wall_s: float = 0.0) -> Part:
-        return {"seq": seq, "rank": self.rank, "wall_time": wall_time, "reports": list(reports),
-                "error": error if (error and not reports) else None, "cpu_s": cpu_s, "wall_s": wall_s}
+    def _part(
+        self, seq: int, wall_time: float, reports: list, error: str | None, cpu_s: float = 0.0, wall_s: float = 0.0
+    ) -> Part:
+        return {
+            "seq": seq,
+            "rank": self.rank,
+            "wall_time": wall_time,
+            "reports": list(reports),
+            "error": error if (error and not reports) else None,
+            "cpu_s": cpu_s,
+            "wall_s": wall_s,
+        }
 
     # ---- publishing complete snapshots
     def _publish_ready(self) -> None:
@@ -195,8 +218,9 @@ class DistributedCoordinator(Coordinator):
             return
         t0 = time.perf_counter()
         order = {n: i for i, n in enumerate(meta["names"])}
-        reports = sorted((rep for rk in sorted(parts) for rep in parts[rk]["reports"]),
-                         key=lambda r: order.get(r.name, len(order)))
+        reports = sorted(
+            (rep for rk in sorted(parts) for rep in parts[rk]["reports"]), key=lambda r: order.get(r.name, len(order))
+        )
         wall_time = parts[0]["wall_time"] if 0 in parts else min(p["wall_time"] for p in parts.values())
         step, epoch = int(meta["step"]), int(meta["epoch"])
         if self.p.writer:
@@ -208,22 +232,43 @@ class DistributedCoordinator(Coordinator):
         """The writer logs failed and missing parts and writes who analysed what (distributed.jsonl)."""
         for rk, p in sorted(parts.items()):
             if p["error"]:
-                log.error("esdwatch: rank %d's part of the snapshot at step %d failed: %s", rk, step,
-                          str(p["error"]).strip().splitlines()[-1])
+                log.error(
+                    "esdwatch: rank %d's part of the snapshot at step %d failed: %s",
+                    rk,
+                    step,
+                    str(p["error"]).strip().splitlines()[-1],
+                )
         missing = [r for r in range(self.world_size) if r not in parts]
         if missing:
-            log.warning("esdwatch: the snapshot at step %d is written without the layers of rank(s) %s "
-                        "(never received)", step, missing)
+            log.warning(
+                "esdwatch: the snapshot at step %d is written without the layers of rank(s) %s (never received)",
+                step,
+                missing,
+            )
         by_rank = []
         for rk in range(self.world_size):
             mine = [i for i, o in enumerate(meta["owners"]) if o == rk]
             p = parts.get(rk, {})
-            by_rank.append({"rank": rk, "layers": len(mine), "cost": float(sum(meta["costs"][i] for i in mine)),
-                            "analysis_wall_s": p.get("wall_s"), "analysis_cpu_s": p.get("cpu_s"),
-                            "received": rk in parts})
-        self.p.outputs.distributed({"global_step": step, "segment": self.p.outputs.segment,
-                                    "world_size": self.world_size, "mode": meta["mode"],
-                                    "owners": dict(zip(meta["names"], meta["owners"])), "ranks": by_rank})
+            by_rank.append(
+                {
+                    "rank": rk,
+                    "layers": len(mine),
+                    "cost": float(sum(meta["costs"][i] for i in mine)),
+                    "analysis_wall_s": p.get("wall_s"),
+                    "analysis_cpu_s": p.get("cpu_s"),
+                    "received": rk in parts,
+                }
+            )
+        self.p.outputs.distributed(
+            {
+                "global_step": step,
+                "segment": self.p.outputs.segment,
+                "world_size": self.world_size,
+                "mode": meta["mode"],
+                "owners": dict(zip(meta["names"], meta["owners"])),
+                "ranks": by_rank,
+            }
+        )
 
     def flush_partial(self) -> None:
         """No more exchanges (exception, abort): the writer publishes what it has, the others warn."""
@@ -232,8 +277,12 @@ class DistributedCoordinator(Coordinator):
         unsent, self._local = len(self._local), []
         if not self.p.writer:
             if unsent:
-                log.warning("esdwatch: rank %d: %d analysed snapshot part(s) could not reach rank 0 (training ended "
-                            "without an exchange after them)", self.rank, unsent)
+                log.warning(
+                    "esdwatch: rank %d: %d analysed snapshot part(s) could not reach rank 0 (training ended "
+                    "without an exchange after them)",
+                    self.rank,
+                    unsent,
+                )
             self._parts.clear()
             return
         for seq in sorted(self._parts):

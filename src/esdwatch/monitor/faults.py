@@ -51,16 +51,28 @@ class Faults:
     def internal_error(self, what: str, step: int, exc: Exception) -> None:
         """A failure of esdwatch itself: logged (with its traceback once per kind), the snapshot skipped."""
         self.stats["internal_errors"] = self.stats.get("internal_errors", 0) + 1
-        log.error("esdwatch: %s failed at step %d (%s: %s); this snapshot is skipped, training continues",
-                  what, step, type(exc).__name__, exc, exc_info=self.first_time(f"internal:{what}"))
+        log.error(
+            "esdwatch: %s failed at step %d (%s: %s); this snapshot is skipped, training continues",
+            what,
+            step,
+            type(exc).__name__,
+            exc,
+            exc_info=self.first_time(f"internal:{what}"),
+        )
         self.fail(f"esdwatch: {what} failed at step {step}: {exc}")
 
     def sink_failed(self, sink: Any, what: str, exc: Exception) -> None:
         """A sink raised: warned once per sink (then at debug level); the other sinks still run."""
         if id(sink) not in self._broken_sinks:
             self._broken_sinks.add(id(sink))
-            log.warning("esdwatch: sink %s failed in %s: %s: %s (further failures of this sink are logged at debug "
-                        "level)", type(sink).__name__, what, type(exc).__name__, exc, exc_info=True)
+            log.warning(
+                "esdwatch: sink %s failed in %s: %s: %s (further failures of this sink are logged at debug level)",
+                type(sink).__name__,
+                what,
+                type(exc).__name__,
+                exc,
+                exc_info=True,
+            )
         else:
             log.debug("esdwatch: sink %s failed again in %s: %s", type(sink).__name__, what, exc)
         self.fail(f"esdwatch: sink {type(sink).__name__}.{what} failed: {exc}")

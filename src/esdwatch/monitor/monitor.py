@@ -47,7 +47,8 @@ import atexit
 import logging
 import time
 import weakref
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -71,7 +72,7 @@ log = logging.getLogger("esdwatch.monitor")
 __all__ = ["Monitor", "EsdwatchError", "EsdwatchWarning", "auto_interval"]
 
 #: monitors with a running worker, closed at interpreter exit if the user did not
-_LIVE: "weakref.WeakSet[Monitor]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
 
 @atexit.register
@@ -84,25 +85,49 @@ def _close_live_monitors() -> None:
 
 
 def _new_stats() -> dict[str, float]:
-    return {"snapshots": 0, "skipped": 0, "analysed": 0, "failed_layers": 0, "empty_snapshots": 0, "hook_s": 0.0,
-            "snapshot_s": 0.0, "handle_s": 0.0, "analysis_wall_s": 0.0, "analysis_cpu_s": 0.0, "block_s": 0.0,
-            "bytes_copied": 0, "exchanges": 0, "exchange_s": 0.0, "layers_analysed": 0}
+    return {
+        "snapshots": 0,
+        "skipped": 0,
+        "analysed": 0,
+        "failed_layers": 0,
+        "empty_snapshots": 0,
+        "hook_s": 0.0,
+        "snapshot_s": 0.0,
+        "handle_s": 0.0,
+        "analysis_wall_s": 0.0,
+        "analysis_cpu_s": 0.0,
+        "block_s": 0.0,
+        "bytes_copied": 0,
+        "exchanges": 0,
+        "exchange_s": 0.0,
+        "layers_analysed": 0,
+    }
 
 
 class Monitor:
     """Watch the weight spectra of a model during training, in a plain loop or under a framework shell."""
 
-    @takes_monitor_options(doc="""Watch the weight spectra of ``model`` during training (see the module docstring).
+    @takes_monitor_options(
+        doc="""Watch the weight spectra of ``model`` during training (see the module docstring).
 
     ``model`` (an ``nn.Module``) may be given later with :meth:`attach`. The runtime keywords:
     ``rank`` and ``world_size`` place this process in a distributed run (every rank runs a
     Monitor; the layers are shared out: :mod:`esdwatch.monitor.exchange`); ``comm`` is the
     run's collectives (default: ``torch.distributed``'s default group); ``root_module`` is the
     module holding FSDP1 units when it is not ``model`` (or a callable returning it at each
-    snapshot); ``context`` is passed to callable alarm actions (default: this Monitor).""")
-    def __init__(self, model: torch.nn.Module | None = None, *, rank: int = 0, world_size: int = 1,
-                 comm: Comm | None = None, root_module: torch.nn.Module | Callable[[], Any] | None = None,
-                 context: Any = None, **options: Any):
+    snapshot); ``context`` is passed to callable alarm actions (default: this Monitor)."""
+    )
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        comm: Comm | None = None,
+        root_module: torch.nn.Module | Callable[[], Any] | None = None,
+        context: Any = None,
+        **options: Any,
+    ):
         self.options = opts = MonitorOptions.from_kwargs(**options)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -115,8 +140,7 @@ class Monitor:
         self.stats = _new_stats()
         faults = Faults(opts.strict, self.stats)
         directory = None if opts.log_dir is None else run_dir(opts.log_dir, opts.name)
-        outputs = Outputs(directory, opts.sinks or [], faults, writer=self.is_writer,
-                          keep_evals=opts.keep_evals)
+        outputs = Outputs(directory, opts.sinks or [], faults, writer=self.is_writer, keep_evals=opts.keep_evals)
         self.stop = StopDecision(self.distributed)
         parts = MonitorParts(
             options=opts,
@@ -124,10 +148,17 @@ class Monitor:
             budget=OverheadBudget(opts.max_overhead),
             faults=faults,
             outputs=outputs,
-            publisher=Publisher(outputs, opts.alarm_policy(), self.stop, faults, writer=self.is_writer,
-                                context=self if context is None else context),
-            snapshotter=Snapshotter(opts.find_layers_kwargs, opts.analysis_config, faults, rank=self.rank,
-                                    world_size=self.world_size),
+            publisher=Publisher(
+                outputs,
+                opts.alarm_policy(),
+                self.stop,
+                faults,
+                writer=self.is_writer,
+                context=self if context is None else context,
+            ),
+            snapshotter=Snapshotter(
+                opts.find_layers_kwargs, opts.analysis_config, faults, rank=self.rank, world_size=self.world_size
+            ),
             runtime=AnalysisRuntime(opts.execution, opts.analysis.analyze_fn, self.stats, on_gpu=opts.analysis.on_gpu),
             stop=self.stop,
             stats=self.stats,
@@ -135,8 +166,11 @@ class Monitor:
             writer=self.is_writer,
         )
         self.parts = parts
-        self.coordinator: Coordinator = (DistributedCoordinator(parts, self._get_comm, self.rank, self.world_size)
-                                         if self.distributed else LocalCoordinator(parts))
+        self.coordinator: Coordinator = (
+            DistributedCoordinator(parts, self._get_comm, self.rank, self.world_size)
+            if self.distributed
+            else LocalCoordinator(parts)
+        )
         self._started = False
         self._closed = False
 
@@ -162,20 +196,26 @@ class Monitor:
     output_dir = property(lambda self: self.parts.outputs.directory, doc="<log_dir>/esdwatch[/<name>], or None.")
     records_path = property(lambda self: self.parts.outputs.records_path)
     segment = property(lambda self: self.parts.outputs.segment, doc="This run segment (0 fresh, +1 per resume).")
-    interval = property(lambda self: self.parts.schedule.interval,
-                        doc="Steps between snapshots (the chosen one under 'auto'; None before it is known).")
+    interval = property(
+        lambda self: self.parts.schedule.interval,
+        doc="Steps between snapshots (the chosen one under 'auto'; None before it is known).",
+    )
     snapshots = property(lambda self: self.coordinator.snapshots, doc="Snapshots taken in this run.")
     skipped_steps = property(lambda self: self.coordinator.skipped_steps, doc="Steps whose snapshot was skipped.")
     in_flight = property(lambda self: self.parts.runtime.in_flight, doc="Snapshots being analysed.")
     busy = property(lambda self: self.parts.budget.busy, doc="Analysis work runs alongside the current step.")
     latest = property(lambda self: self.parts.publisher.latest, doc="The latest snapshot's records, by layer.")
     latest_step = property(lambda self: self.parts.publisher.latest_step)
-    latest_summary = property(lambda self: self.parts.publisher.latest_summary,
-                              doc="The latest snapshot's model-level averages (esdwatch.schema.summarize).")
+    latest_summary = property(
+        lambda self: self.parts.publisher.latest_summary,
+        doc="The latest snapshot's model-level averages (esdwatch.schema.summarize).",
+    )
     alarms = property(lambda self: self.parts.publisher.alarms, doc="Alarms fired in this run segment.")
     stop_reasons = property(lambda self: self.stop.reasons, doc="The alarms that asked to stop.")
     owners = property(lambda self: self.parts.snapshotter.owners, doc="The latest snapshot's owner rank of each layer.")
-    mode = property(lambda self: self.parts.snapshotter.mode, doc="How the weights were held: replicated, dtensor, fsdp1.")
+    mode = property(
+        lambda self: self.parts.snapshotter.mode, doc="How the weights were held: replicated, dtensor, fsdp1."
+    )
 
     @property
     def should_stop(self) -> bool:
@@ -195,7 +235,7 @@ class Monitor:
     def summary_prefix(self) -> str:
         return f"esdwatch/{self.name}/summary" if self.name else "esdwatch/summary"
 
-    def attach(self, model: torch.nn.Module) -> "Monitor":
+    def attach(self, model: torch.nn.Module) -> Monitor:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -354,8 +394,11 @@ class Monitor:
         for res in runtime.drain(timeout):
             self.coordinator.collect(res)
         if runtime.in_flight:
-            log.warning("esdwatch: %d snapshot(s) still being analysed after %.1f s (drain_timeout); their records "
-                        "are lost", runtime.in_flight, timeout or 0.0)
+            log.warning(
+                "esdwatch: %d snapshot(s) still being analysed after %.1f s (drain_timeout); their records are lost",
+                runtime.in_flight,
+                timeout or 0.0,
+            )
         return runtime.in_flight == 0
 
     def finish(self, global_step: int | None = None, epoch: int | None = None) -> None:
@@ -364,8 +407,12 @@ class Monitor:
             return
         schedule = self.parts.schedule
         step = schedule.last_step if global_step is None else global_step
-        self.coordinator.finish(step, schedule.last_epoch if epoch is None else epoch, self.drain,
-                                at_end=self.options.at_end and self.model is not None)
+        self.coordinator.finish(
+            step,
+            schedule.last_epoch if epoch is None else epoch,
+            self.drain,
+            at_end=self.options.at_end and self.model is not None,
+        )
         self.coordinator.raise_pending()
 
     def close(self, final: bool = True) -> None:
@@ -418,10 +465,11 @@ class Monitor:
     def _note_busy(self) -> None:
         """Whether analysis work (or a worker process's start-up) runs alongside the step that starts now."""
         runtime = self.parts.runtime
-        self.parts.budget.note_busy(runtime.in_flight > 0 or runtime.starting,
-                                    runtime.starting and runtime.in_flight == 0)
+        self.parts.budget.note_busy(
+            runtime.in_flight > 0 or runtime.starting, runtime.starting and runtime.in_flight == 0
+        )
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         self.start()
         return self
 
@@ -469,4 +517,3 @@ class Monitor:
         p.outputs.previous_dir = state.get("output_dir")
         if self._started:
             p.outputs.open()
-

@@ -23,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Literal
 
 import torch
 
@@ -79,9 +80,9 @@ class LayerSelection:
         conv2d_norm: weightwatcher's Conv2d normalization.
     """
 
-    types: Optional[list[str]] = None
+    types: list[str] | None = None
     min_evals: int = 50
-    max_evals: Optional[int] = 15000
+    max_evals: int | None = 15000
     conv_mode: Literal["pooled", "slices"] = "pooled"
     conv2d_norm: bool = True
 
@@ -92,8 +93,15 @@ class LayerSelection:
 
     def find_layers_kwargs(self, layers: Any, exclude: Any) -> dict[str, Any]:
         """Keyword arguments of :func:`esdwatch.engine.layers.find_layers`."""
-        return dict(include=layers, exclude=exclude, types=self.types, min_evals=self.min_evals,
-                    max_evals=self.max_evals, conv_mode=self.conv_mode, conv2d_norm=self.conv2d_norm)
+        return dict(
+            include=layers,
+            exclude=exclude,
+            types=self.types,
+            min_evals=self.min_evals,
+            max_evals=self.max_evals,
+            conv_mode=self.conv_mode,
+            conv2d_norm=self.conv2d_norm,
+        )
 
 
 @dataclass(frozen=True)
@@ -117,16 +125,16 @@ class AnalysisOptions:
     """
 
     dtype: Literal["float64", "float32"] = "float64"
-    device: Optional[str] = None
+    device: str | None = None
     method: Literal["auto", "gram", "svd"] = "auto"
     mp_fit: bool = True
     phases: bool = True
     traps: bool = True
-    xmin: Optional[float] = None
-    xmax: Optional[float] = None
+    xmin: float | None = None
+    xmax: float | None = None
     fix_fingers: bool = False
     seed: int = 0
-    analyze_fn: Optional[Callable[..., Any]] = None
+    analyze_fn: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         _dtype(self.dtype)
@@ -137,9 +145,17 @@ class AnalysisOptions:
     def config(self, keep_evals: bool) -> AnalysisConfig:
         """The engine's configuration for these options."""
         return AnalysisConfig(
-            dtype=_dtype(self.dtype), device=None if self.device is None else str(self.device),
-            method=self.method, xmin=self.xmin, xmax=self.xmax, fix_fingers=self.fix_fingers,
-            mp_fit=self.mp_fit, phases=self.phases, traps=self.traps, keep_evals=keep_evals, seed=self.seed,
+            dtype=_dtype(self.dtype),
+            device=None if self.device is None else str(self.device),
+            method=self.method,
+            xmin=self.xmin,
+            xmax=self.xmax,
+            fix_fingers=self.fix_fingers,
+            mp_fit=self.mp_fit,
+            phases=self.phases,
+            traps=self.traps,
+            keep_evals=keep_evals,
+            seed=self.seed,
         )
 
     @property
@@ -170,9 +186,9 @@ class ExecutionOptions:
     worker: Literal["thread", "process"] = "thread"
     max_pending: int = 1
     on_backpressure: Literal["skip", "block"] = "skip"
-    drain_timeout: Optional[float] = 120.0
+    drain_timeout: float | None = 120.0
     worker_nice: int = 0
-    worker_threads: Optional[int] = 1
+    worker_threads: int | None = 1
     drain_on_checkpoint: bool = True
 
     def __post_init__(self) -> None:
@@ -220,21 +236,21 @@ class MonitorOptions:
         execution: how the background analysis runs (ExecutionOptions).
     """
 
-    every_n_steps: Union[int, Literal["auto"], None] = None
-    every_n_epochs: Optional[int] = None
+    every_n_steps: int | Literal["auto"] | None = None
+    every_n_epochs: int | None = None
     at_start: bool = False
     at_end: bool = True
     max_overhead: float = 0.05
-    layers: Union[str, list[str], None] = None
-    exclude: Union[str, list[str], None] = None
+    layers: str | list[str] | None = None
+    exclude: str | list[str] | None = None
     keep_evals: bool = False
-    alarm_rules: Optional[list[AlarmRule]] = None
-    alarm_patience: Union[int, dict[str, int], None] = None
-    alarm_actions: Optional[dict[str, Union[str, Callable[[Any, Any], None]]]] = None
+    alarm_rules: list[AlarmRule] | None = None
+    alarm_patience: int | dict[str, int] | None = None
+    alarm_actions: dict[str, str | Callable[[Any, Any], None]] | None = None
     phase_transitions: bool = True
-    log_dir: Optional[str] = None  # or any os.PathLike
-    name: Optional[str] = None
-    sinks: Optional[list[Any]] = None
+    log_dir: str | None = None  # or any os.PathLike
+    name: str | None = None
+    sinks: list[Any] | None = None
     strict: bool = False
     selection: LayerSelection = field(default_factory=LayerSelection)
     analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
@@ -246,7 +262,11 @@ class MonitorOptions:
         if self.every_n_steps is None and self.every_n_epochs is None:
             object.__setattr__(self, "every_n_steps", "auto")
         if self.every_n_steps not in (None, "auto"):
-            if isinstance(self.every_n_steps, bool) or not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
+            if (
+                isinstance(self.every_n_steps, bool)
+                or not isinstance(self.every_n_steps, int)
+                or self.every_n_steps < 1
+            ):
                 raise ValueError(f"every_n_steps must be a positive int or 'auto', got {self.every_n_steps!r}")
         if self.every_n_epochs is not None:
             _positive_int("every_n_epochs", self.every_n_epochs)
@@ -265,7 +285,7 @@ class MonitorOptions:
         self.alarm_policy()  # the alarm kinds, actions and patience are checked by the policy itself
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "MonitorOptions":
+    def from_kwargs(cls, **kwargs: Any) -> MonitorOptions:
         """Build from keywords, a group's fields also accepted flat (``traps=False``).
 
         A keyword that is neither an option nor a field of a group is a TypeError, as for
@@ -292,7 +312,7 @@ class MonitorOptions:
 
     def alarm_policy(self) -> AlarmPolicy:
         """A fresh :class:`~esdwatch.alarms.AlarmPolicy` for these options."""
-        actions: Optional[dict[str, Action]] = None if self.alarm_actions is None else dict(self.alarm_actions)
+        actions: dict[str, Action] | None = None if self.alarm_actions is None else dict(self.alarm_actions)
         return AlarmPolicy(self.alarm_rules, self.alarm_patience, actions, self.phase_transitions)
 
     @property
@@ -322,7 +342,7 @@ class FrameworkOptions:
     """
 
     logger_sinks: bool = True
-    sink_options: Optional[dict[str, Any]] = None
+    sink_options: dict[str, Any] | None = None
     log_summary: bool = True
 
 
@@ -333,7 +353,7 @@ def _parameters(cls: type) -> list[inspect.Parameter]:
         default = f.default if f.default is not dataclasses.MISSING else None  # groups: None means defaults
         annotation = hints[f.name]
         if f.name in _GROUPS:
-            annotation = Optional[annotation]
+            annotation = annotation | None
         out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     return out
 
@@ -343,8 +363,9 @@ def takes_monitor_options(*extra: type, doc: str = "") -> Callable[[Callable[...
 
     The signature is the function's own positional parameters, every field of
     :class:`MonitorOptions` and of each class in ``extra`` (e.g. :class:`FrameworkOptions`),
-    keyword-only, then the function's own keyword-only parameters; ``help()``, IDEs that use ``inspect.signature`` and LightningCLI (jsonargparse)
-    read it. ``doc`` is put in front of the options' ``Args`` sections.
+    keyword-only, then the function's own keyword-only parameters; ``help()``, IDEs that use
+    ``inspect.signature`` and LightningCLI (jsonargparse) read it. ``doc`` is put in front of
+    the options' ``Args`` section.
     """
 
     def stamp(init: Callable[..., Any]) -> Callable[..., Any]:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from esdwatch.monitor.faults import Faults
-from esdwatch.schema import Alarm, LayerRecord
 from esdwatch.rundir import RECORDS_FILE, copy_run, next_segment
+from esdwatch.schema import Alarm, LayerRecord
 from esdwatch.sinks.jsonl import JsonlSink
 from esdwatch.sinks.spectra import SpectraSink
 
@@ -34,8 +35,7 @@ __all__ = ["Outputs"]
 class Outputs:
     """The run directory's files and the sinks of one monitor (files on the writer only)."""
 
-    def __init__(self, directory: Path | None, sinks: Sequence[Any], faults: Faults, *, writer: bool,
-                 keep_evals: bool):
+    def __init__(self, directory: Path | None, sinks: Sequence[Any], faults: Faults, *, writer: bool, keep_evals: bool):
         self.directory = directory
         self.sinks: list[Any] = list(sinks)
         self.faults = faults
@@ -65,8 +65,13 @@ class Outputs:
             prev = Path(self.previous_dir)
             if (prev / RECORDS_FILE).exists() and not (out / RECORDS_FILE).exists():
                 n = copy_run(prev, out, self.resumed_from)
-                log.info("esdwatch: resumed into %s: copied %d records up to step %d from %s", out, n,
-                         self.resumed_from, prev)
+                log.info(
+                    "esdwatch: resumed into %s: copied %d records up to step %d from %s",
+                    out,
+                    n,
+                    self.resumed_from,
+                    prev,
+                )
         segment = next_segment(out)
         if self.resumed_from is not None:
             segment = max(segment, self.segment)

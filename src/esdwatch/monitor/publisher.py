@@ -25,8 +25,9 @@ __all__ = ["Publisher"]
 class Publisher:
     """Writes complete snapshots, fires their alarms and keeps the latest results."""
 
-    def __init__(self, outputs: Outputs, policy: AlarmPolicy, stop: StopDecision, faults: Faults, *,
-                 writer: bool, context: Any):
+    def __init__(
+        self, outputs: Outputs, policy: AlarmPolicy, stop: StopDecision, faults: Faults, *, writer: bool, context: Any
+    ):
         self.outputs = outputs
         self.policy = policy
         self.stop = stop
@@ -61,8 +62,13 @@ class Publisher:
     def _fire(self, alarm: Alarm) -> None:
         self.alarms.append(alarm)
         self.outputs.alarm(alarm)
-        run_action(self.policy.action_for(alarm.kind), alarm, context=self.context,
-                   request_stop=self.stop.request, on_failure=self.faults.fail)
+        run_action(
+            self.policy.action_for(alarm.kind),
+            alarm,
+            context=self.context,
+            request_stop=self.stop.request,
+            on_failure=self.faults.fail,
+        )
 
     def pop_summary(self) -> dict[str, float] | None:
         """The latest summary, once per published snapshot (else None)."""

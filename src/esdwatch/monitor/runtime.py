@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from esdwatch.monitor.options import ExecutionOptions
 from esdwatch.monitor.snapshot import BufferPool
@@ -23,8 +23,9 @@ __all__ = ["AnalysisRuntime"]
 class AnalysisRuntime:
     """An executor and its buffer pool, with waits that always have a bound."""
 
-    def __init__(self, execution: ExecutionOptions, analyze_fn: AnalyzeFn | None, stats: dict[str, float], *,
-                 on_gpu: bool):
+    def __init__(
+        self, execution: ExecutionOptions, analyze_fn: AnalyzeFn | None, stats: dict[str, float], *, on_gpu: bool
+    ):
         self.execution = execution
         self.stats = stats
         self.analyze_fn = analyze_fn
@@ -36,8 +37,12 @@ class AnalysisRuntime:
         """The running executor and its pool (started on first use)."""
         ex = self.executor
         if ex is None:
-            ex = self.executor = make_executor(self.execution.worker, self.analyze_fn,
-                                               nice=self.execution.worker_nice, threads=self.execution.worker_threads)
+            ex = self.executor = make_executor(
+                self.execution.worker,
+                self.analyze_fn,
+                nice=self.execution.worker_nice,
+                threads=self.execution.worker_threads,
+            )
         if self.pool is None:
             self.pool = BufferPool(self.execution.max_pending, "device" if self.on_gpu else ex.buffer_target)  # type: ignore[arg-type]
         ex.start()

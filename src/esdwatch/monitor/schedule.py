@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 log = logging.getLogger("esdwatch.monitor")
 
@@ -48,8 +49,9 @@ OUTLIER_FACTOR = 10
 OUTLIER_RUN = 5
 
 
-def auto_interval(cost_s: float, wall_s: float, step_s: float, max_overhead: float, keepup: float = 1.25,
-                  debt_s: float = 0.0) -> int:
+def auto_interval(
+    cost_s: float, wall_s: float, step_s: float, max_overhead: float, keepup: float = 1.25, debt_s: float = 0.0
+) -> int:
     """Steps between snapshots so that analysis stays within ``max_overhead`` of training.
 
     ``cost_s``: what one snapshot costs the training (the larger of the worker's CPU
@@ -85,8 +87,12 @@ class SnapshotCosts:
         steps = [c.step_s for c in costs if c.step_s]
         if not known or not steps:
             return cls()
-        return cls(max(c.cost_s for c in known), max((c.wall_s or 0.0) for c in known), min(steps),  # type: ignore[type-var]
-                   max(float(c.debt_s or 0.0) for c in known))
+        return cls(
+            max(c.cost_s for c in known),
+            max((c.wall_s or 0.0) for c in known),
+            min(steps),  # type: ignore[type-var]
+            max(float(c.debt_s or 0.0) for c in known),
+        )
 
     def as_tuple(self) -> tuple[float | None, float | None, float | None, float]:
         """Plain values, for exchanging between ranks."""
@@ -240,12 +246,21 @@ class Schedule:
         log.info(
             "esdwatch: every_n_steps='auto' -> %d steps (analysis costs %.3g s per snapshot, %.3g s wall; "
             "training %.3g s per step; budget %.0f%%, %+.3g s spent beyond it so far)",
-            new, costs.cost_s, costs.wall_s or 0.0, costs.step_s, 100 * self.max_overhead, costs.debt_s,
+            new,
+            costs.cost_s,
+            costs.wall_s or 0.0,
+            costs.step_s,
+            100 * self.max_overhead,
+            costs.debt_s,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step, "last_epoch": self.last_epoch,
-                "last_snapshot_step": self.last_snapshot_step, "interval": self.interval}
+        return {
+            "last_step": self.last_step,
+            "last_epoch": self.last_epoch,
+            "last_snapshot_step": self.last_snapshot_step,
+            "interval": self.interval,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.last_step = int(state.get("last_step", 0))

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -155,7 +156,9 @@ class BufferPool:
             return buf
         pin = self.target == "cpu" and src.device.type == "cuda"
         if _dense_layout(src):
-            buf = torch.empty_strided(tuple(src.shape), tuple(src.stride()), dtype=src.dtype, device=device, pin_memory=pin)
+            buf = torch.empty_strided(
+                tuple(src.shape), tuple(src.stride()), dtype=src.dtype, device=device, pin_memory=pin
+            )
         else:
             buf = torch.empty(tuple(src.shape), dtype=src.dtype, device=device, pin_memory=pin)
         if self.target == "shared":
@@ -221,8 +224,9 @@ class BufferPool:
         return events
 
 
-def take_snapshot(mats: Sequence[LayerMatrix], pool: BufferPool, private: Sequence[bool] | None = None
-                  ) -> Snapshot | None:
+def take_snapshot(
+    mats: Sequence[LayerMatrix], pool: BufferPool, private: Sequence[bool] | None = None
+) -> Snapshot | None:
     """Acquire a slot of ``pool`` and copy ``mats`` into it (see :meth:`BufferPool.copy`); None when no slot is free.
 
     If the copy raises, the slot is released before the exception propagates.

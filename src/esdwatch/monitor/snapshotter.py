@@ -54,8 +54,9 @@ class Taken:
 class Snapshotter:
     """Plans, copies and submits snapshots of one model (the training thread's side)."""
 
-    def __init__(self, find_layers_kwargs: dict[str, Any], config: AnalysisConfig, faults: Faults, *,
-                 rank: int, world_size: int):
+    def __init__(
+        self, find_layers_kwargs: dict[str, Any], config: AnalysisConfig, faults: Faults, *, rank: int, world_size: int
+    ):
         self.find_layers_kwargs = find_layers_kwargs
         self.config = config
         self.faults = faults
@@ -66,8 +67,16 @@ class Snapshotter:
         #: the latest snapshot's owner rank of each layer
         self.owners: dict[str, int] = {}
 
-    def take(self, model: torch.nn.Module, root: torch.nn.Module | None, step: int, epoch: int, seq: int,
-             pool: BufferPool, executor: Executor) -> Taken:
+    def take(
+        self,
+        model: torch.nn.Module,
+        root: torch.nn.Module | None,
+        step: int,
+        epoch: int,
+        seq: int,
+        pool: BufferPool,
+        executor: Executor,
+    ) -> Taken:
         """Discover, share out, copy and submit (on every rank at the same point when distributed).
 
         The caller has checked that ``pool`` has a free slot.
@@ -91,12 +100,23 @@ class Snapshotter:
             snap = take_snapshot(owned, pool, plan.private)
         except Exception as exc:  # e.g. out of (pinned) memory: skip this snapshot
             self.faults.internal_error("copying the weights", step, exc)
-            return Taken(Outcome.COPY_FAILED, plan, time.perf_counter() - t0,
-                         error=f"copying the weights failed: {exc}")
+            return Taken(
+                Outcome.COPY_FAILED, plan, time.perf_counter() - t0, error=f"copying the weights failed: {exc}"
+            )
         if snap is None:  # the caller checked that a slot is free: cannot happen
             return Taken(Outcome.COPY_FAILED, plan, time.perf_counter() - t0, error="no free snapshot slot")
-        executor.submit(Job(seq=seq, step=step, epoch=epoch, wall_time=time.time(), mats=snap.mats,
-                            config=self.config, slot=snap.slot, snapshot=snap))
+        executor.submit(
+            Job(
+                seq=seq,
+                step=step,
+                epoch=epoch,
+                wall_time=time.time(),
+                mats=snap.mats,
+                config=self.config,
+                slot=snap.slot,
+                snapshot=snap,
+            )
+        )
         return Taken(Outcome.SUBMITTED, plan, time.perf_counter() - t0, snap.nbytes)
 
     def _note_mode(self, plan: ShardPlan) -> None:
@@ -108,8 +128,12 @@ class Snapshotter:
     def _log_first(self, plan: ShardPlan) -> None:
         if self.faults.first_time("layers_logged") and self.rank == 0:
             sk = plan.skipped
-            log.info("esdwatch: watching %d matrices (%d skipped%s)", len(plan.names), len(sk),
-                     ": " + "; ".join(f"{s.name}: {s.reason}" for s in sk[:10]) if sk else "")
+            log.info(
+                "esdwatch: watching %d matrices (%d skipped%s)",
+                len(plan.names),
+                len(sk),
+                ": " + "; ".join(f"{s.name}: {s.reason}" for s in sk[:10]) if sk else "",
+            )
 
     def _warn_empty(self, plan: ShardPlan, step: int) -> None:
         sk = plan.skipped
@@ -120,4 +144,3 @@ class Snapshotter:
             f"({len(sk)} candidate(s) skipped{': ' + why if why else ''}); nothing is recorded until one "
             f"appears. Adjust layers/exclude/types or min_evals={self.find_layers_kwargs.get('min_evals')}.",
         )
-

@@ -9,7 +9,7 @@ request is the decision.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from esdwatch.schema import Alarm
 

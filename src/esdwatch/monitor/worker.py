@@ -46,15 +46,16 @@ import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from esdwatch.engine.analyzer import AnalysisConfig, analyze_layers
 from esdwatch.engine.layers import LayerMatrix
-from esdwatch.schema import STATUS_FAILED, LayerReport
 from esdwatch.engine.threads import limit_openmp_threads
+from esdwatch.schema import STATUS_FAILED, LayerReport
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +266,14 @@ class ThreadExecutor(Executor):
     kind = "thread"
     buffer_target = "cpu"
 
-    def __init__(self, analyze_fn: AnalyzeFn | None = None, *, nice: int = 0, threads: int | None = 1,
-                 name: str = "esdwatch-worker"):
+    def __init__(
+        self,
+        analyze_fn: AnalyzeFn | None = None,
+        *,
+        nice: int = 0,
+        threads: int | None = 1,
+        name: str = "esdwatch-worker",
+    ):
         super().__init__(analyze_fn, nice=nice, threads=threads)
         self.name = name
         self._in: queue.Queue = queue.Queue()
@@ -329,7 +336,9 @@ class ThreadExecutor(Executor):
         self._in.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
-            log.warning("esdwatch: the analysis thread did not stop within %.1f s (left running as a daemon)", timeout or 0)
+            log.warning(
+                "esdwatch: the analysis thread did not stop within %.1f s (left running as a daemon)", timeout or 0
+            )
         self._thread = None
 
 
@@ -378,8 +387,14 @@ class ProcessExecutor(Executor):
     kind = "process"
     buffer_target = "shared"
 
-    def __init__(self, analyze_fn: AnalyzeFn | None = None, *, nice: int = 0, threads: int | None = 1,
-                 start_timeout: float = 120.0):
+    def __init__(
+        self,
+        analyze_fn: AnalyzeFn | None = None,
+        *,
+        nice: int = 0,
+        threads: int | None = 1,
+        start_timeout: float = 120.0,
+    ):
         super().__init__(analyze_fn, nice=nice, threads=threads)
         self.start_timeout = start_timeout
         self._ctx = None
@@ -442,8 +457,13 @@ class ProcessExecutor(Executor):
         for seq, meta in sorted(self._pending.items()):
             out.append(
                 Result(
-                    seq=seq, step=meta.step, epoch=meta.epoch, wall_time=meta.wall_time, slot=meta.slot,
-                    reports=[], names=list(getattr(meta, "names", [])),
+                    seq=seq,
+                    step=meta.step,
+                    epoch=meta.epoch,
+                    wall_time=meta.wall_time,
+                    slot=meta.slot,
+                    reports=[],
+                    names=list(getattr(meta, "names", [])),
                     error=f"esdwatch worker process died (exit code {code}); this snapshot is lost",
                 )
             )
@@ -506,8 +526,9 @@ class ProcessExecutor(Executor):
             self._proc = None
 
 
-def make_executor(kind: str, analyze_fn: AnalyzeFn | None = None, *, nice: int = 0,
-                  threads: int | None = 1) -> Executor:
+def make_executor(
+    kind: str, analyze_fn: AnalyzeFn | None = None, *, nice: int = 0, threads: int | None = 1
+) -> Executor:
     """A :class:`ThreadExecutor` (``"thread"``) or :class:`ProcessExecutor` (``"process"``)."""
     if kind == "thread":
         return ThreadExecutor(analyze_fn, nice=nice, threads=threads)

@@ -18,7 +18,8 @@ the user's own ``matplotlib.use(...)`` choice is left alone. Needs the ``plot`` 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -180,18 +181,39 @@ def draw_esd(
     n_total = hist.num if hist is not None else max(int(report.num_evals or 0), 0)
     xs_lo, xs_hi = math.inf, 0.0
     if hist is not None and hist.num > 0:
-        edges = 10.0 ** hist.edges
+        edges = 10.0**hist.edges
         widths = np.diff(edges)
         dens = hist.counts / (hist.num * widths)
-        ax.stairs(np.where(dens > 0, dens, np.nan), edges, fill=True, color="#6baed6", alpha=0.75,
-                  label=f"ESD ({hist.num} eigenvalues)")
+        ax.stairs(
+            np.where(dens > 0, dens, np.nan),
+            edges,
+            fill=True,
+            color="#6baed6",
+            alpha=0.75,
+            label=f"ESD ({hist.num} eigenvalues)",
+        )
         xs_lo, xs_hi = float(edges[0]), float(edges[-1])
         if hist.num_floor:
-            ax.annotate(f"{hist.num_floor} \u2248 0", (edges[0], 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(9, -12), textcoords="offset points", fontsize=7, color="#3f007d")
+            ax.annotate(
+                f"{hist.num_floor} \u2248 0",
+                (edges[0], 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(9, -12),
+                textcoords="offset points",
+                fontsize=7,
+                color="#3f007d",
+            )
     elif ev is None:
-        ax.text(0.5, 0.55, "no spectrum recorded\n(keep_evals=True)", transform=ax.transAxes, ha="center",
-                va="center", fontsize=8, color="#888888")
+        ax.text(
+            0.5,
+            0.55,
+            "no spectrum recorded\n(keep_evals=True)",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="#888888",
+        )
 
     lam_max = _num(report.lambda_max)
     if not math.isfinite(xs_hi) or xs_hi <= 0:
@@ -383,8 +405,15 @@ def phase_map_figure(
     fig = _figure(width, height, dpi=dpi)
     ax = fig.add_subplot(1, 1, 1)
     if grid.size:
-        ax.pcolormesh(np.arange(n_cols + 1), np.arange(n_layers + 1), grid, cmap=cmap, norm=norm,
-                      edgecolors="#ffffff", linewidth=0.5 if n_cols <= 60 else 0.0)
+        ax.pcolormesh(
+            np.arange(n_cols + 1),
+            np.arange(n_layers + 1),
+            grid,
+            cmap=cmap,
+            norm=norm,
+            edgecolors="#ffffff",
+            linewidth=0.5 if n_cols <= 60 else 0.0,
+        )
     ax.set_ylim(n_layers, 0)
     ax.set_xlim(0, n_cols)
     ax.set_yticks(np.arange(len(layers)) + 0.5)
@@ -401,17 +430,32 @@ def phase_map_figure(
     ax.set_xlabel("global step (snapshot)", fontsize=8)
     ax.set_title(title, fontsize=10)
     present = set(int(v) for v in np.unique(grid)) if grid.size else set()
-    handles = [Patch(facecolor=PHASE_COLORS[n], edgecolor="#888888", label=f"{i}: {n}" if i < len(PHASES) else n)
-               for i, n in enumerate(names) if i < len(PHASES) or i in present]
+    handles = [
+        Patch(facecolor=PHASE_COLORS[n], edgecolor="#888888", label=f"{i}: {n}" if i < len(PHASES) else n)
+        for i, n in enumerate(names)
+        if i < len(PHASES) or i in present
+    ]
     if -1 in present:
         handles.append(Patch(facecolor=ABSENT_COLOR, edgecolor="#888888", label="not analysed"))
     ncol = 4 if width < 9 else 8
-    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7.5, frameon=False,
-               bbox_to_anchor=(0.5, 0.01), columnspacing=1.2, handlelength=1.2)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=ncol,
+        fontsize=7.5,
+        frameon=False,
+        bbox_to_anchor=(0.5, 0.01),
+        columnspacing=1.2,
+        handlelength=1.2,
+    )
     legend_h = 0.2 * math.ceil(len(handles) / ncol) + 0.1
     xlabel_h = 0.6 if len(steps) > 8 else 0.45
-    fig.subplots_adjust(left=min(0.6, label_w / width), right=1.0 - 0.25 / width,
-                        bottom=(legend_h + xlabel_h) / height, top=1.0 - 0.4 / height)
+    fig.subplots_adjust(
+        left=min(0.6, label_w / width),
+        right=1.0 - 0.25 / width,
+        bottom=(legend_h + xlabel_h) / height,
+        top=1.0 - 0.4 / height,
+    )
     return fig
 
 
@@ -465,6 +509,7 @@ def trajectory_figure(
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         legend_w = min(2.6, 0.45 + 0.048 * max(len(n) for n in order))
     fw, fh = fig.get_size_inches()
-    fig.subplots_adjust(left=0.75 / fw, right=max(0.45, 1.0 - (legend_w + 0.15) / fw), bottom=0.6 / fh,
-                        top=1.0 - 0.4 / fh)
+    fig.subplots_adjust(
+        left=0.75 / fw, right=max(0.45, 1.0 - (legend_w + 0.15) / fw), bottom=0.6 / fh, top=1.0 - 0.4 / fh
+    )
     return fig

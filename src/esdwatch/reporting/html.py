@@ -203,17 +203,25 @@ def build_report(
         f'<p class="meta">{len(steps)} snapshots, global steps {steps[0]} to {latest_step}; {len(layers)} layers; '
         f"run segments {', '.join(map(str, segments))}; last snapshot taken {_when(max(r.wall_time for r in latest))}. "
         f"Records: <code>{_esc(records_path)}</code>. Report generated "
-        f"{_dt.datetime.now(tz=_dt.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')} from the records written so far.</p>",
+        f"{_dt.datetime.now(tz=_dt.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')} "
+        "from the records written so far.</p>",
     ]
 
     # latest snapshot: model averages and per-layer table
     avg = summarize([r.report for r in latest], SUMMARY_METRICS)
     parts.append(f"<h2>Latest snapshot (step {latest_step})</h2>")
-    parts.append("<table><tr>" + "".join(f"<th>&lt;{_esc(k)}&gt;</th>" for k in avg) + "</tr><tr>"
-                 + "".join(f"<td>{_num(v)}</td>" for v in avg.values()) + "</tr></table>")
-    head = ("<tr><th class='l'>layer</th><th class='l'>kind</th><th>N &times; M</th><th class='l'>phase</th>"
-            "<th>alpha</th><th>D</th><th>alpha_weighted</th><th>entropy</th><th>MP soft rank</th>"
-            "<th>stable rank</th><th>spikes</th><th>traps</th><th class='l'>status</th></tr>")
+    parts.append(
+        "<table><tr>"
+        + "".join(f"<th>&lt;{_esc(k)}&gt;</th>" for k in avg)
+        + "</tr><tr>"
+        + "".join(f"<td>{_num(v)}</td>" for v in avg.values())
+        + "</tr></table>"
+    )
+    head = (
+        "<tr><th class='l'>layer</th><th class='l'>kind</th><th>N &times; M</th><th class='l'>phase</th>"
+        "<th>alpha</th><th>D</th><th>alpha_weighted</th><th>entropy</th><th>MP soft rank</th>"
+        "<th>stable rank</th><th>spikes</th><th>traps</th><th class='l'>status</th></tr>"
+    )
     rows = []
     for rec in latest:
         r = rec.report
@@ -222,7 +230,8 @@ def build_report(
             f"<td class='l'>{_phase_cell(r.phase)}</td><td>{_num(r.alpha)}</td><td>{_num(r.D)}</td>"
             f"<td>{_num(r.alpha_weighted)}</td><td>{_num(r.entropy)}</td><td>{_num(r.mp_softrank)}</td>"
             f"<td>{_num(r.stable_rank, '.2f')}</td><td>{_count(r.num_spikes)}</td><td>{_count(r.num_traps)}</td>"
-            f"<td class='l'>{_esc(r.status)}</td></tr>")
+            f"<td class='l'>{_esc(r.status)}</td></tr>"
+        )
     parts.append(f"<table>{head}{''.join(rows)}</table>")
 
     # phase map and trajectories
@@ -242,19 +251,25 @@ def build_report(
         for a in alarms:
             arows.append(
                 f"<tr class='sev-{_esc(a.severity)}'><td>{_esc(a.step if a.step is not None else '')}</td>"
-                f"<td class='l'>{_esc(a.severity)}</td><td class='l'>{_esc(a.kind)}</td><td class='l'>{_esc(a.layer)}</td>"
-                f"<td>{_num(a.value, '.4g')}</td><td>{_num(a.threshold, 'g')}</td><td class='l'>{_esc(a.message)}</td></tr>")
-        parts.append("<table><tr><th>step</th><th class='l'>severity</th><th class='l'>kind</th><th class='l'>layer</th>"
-                     "<th>value</th><th>threshold</th><th class='l'>message</th></tr>" + "".join(arows) + "</table>")
+                f"<td class='l'>{_esc(a.severity)}</td><td class='l'>{_esc(a.kind)}</td>"
+                f"<td class='l'>{_esc(a.layer)}</td><td>{_num(a.value, '.4g')}</td><td>{_num(a.threshold, 'g')}</td>"
+                f"<td class='l'>{_esc(a.message)}</td></tr>"
+            )
+        parts.append(
+            "<table><tr><th>step</th><th class='l'>severity</th><th class='l'>kind</th><th class='l'>layer</th>"
+            "<th>value</th><th>threshold</th><th class='l'>message</th></tr>" + "".join(arows) + "</table>"
+        )
     else:
         parts.append("<p>No alarm fired.</p>")
 
     # ESD of each layer at its first and last snapshot
     parts.append("<h2>Spectra: first and last snapshot of each layer</h2>")
     if not spectra:
-        parts.append('<p class="note">This run recorded no spectra (<code>spectra.jsonl</code>): the panels show the '
-                     "fitted Marchenko-Pastur and power-law curves only. Record them with <code>keep_evals=True</code> "
-                     "(the monitor then writes <code>spectra.jsonl</code> next to the records).</p>")
+        parts.append(
+            '<p class="note">This run recorded no spectra (<code>spectra.jsonl</code>): the panels show the '
+            "fitted Marchenko-Pastur and power-law curves only. Record them with <code>keep_evals=True</code> "
+            "(the monitor then writes <code>spectra.jsonl</code> next to the records).</p>"
+        )
     first_of: dict[str, LayerRecord] = {}
     last_of: dict[str, LayerRecord] = {}
     for rec in records:
@@ -263,8 +278,12 @@ def build_report(
     shown = layers if max_layers is None else layers[: max(0, int(max_layers))]
     for i, name in enumerate(shown):
         first, last = first_of[name], last_of[name]
-        fig = esd_pair_figure(first, last, first_hist=spectra.get((first.global_step, name)),
-                              last_hist=spectra.get((last.global_step, name)))
+        fig = esd_pair_figure(
+            first,
+            last,
+            first_hist=spectra.get((first.global_step, name)),
+            last_hist=spectra.get((last.global_step, name)),
+        )
         src = w.png(fig, f"esd_{i:03d}_{_safe(name)}.png")
         parts.append(f'<img src="{src}" alt="ESD of {_esc(name)} at steps {first.global_step} and {last.global_step}">')
     if len(shown) < len(layers):

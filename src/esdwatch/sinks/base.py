@@ -6,7 +6,8 @@ analysis worker, so a sink may call its logger's API directly.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from esdwatch.alarms.rules import Alarm
 from esdwatch.schema import LayerRecord

@@ -11,7 +11,8 @@ keeps its own public signature and decides how its backend receives the results.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -90,8 +91,13 @@ class DashboardSink:
                 out.append((rec, h))
         if missing and not self._no_evals_warned:
             self._no_evals_warned = True
-            log.warning("esdwatch: %s spectra need the eigenvalues: create the monitor with keep_evals=True "
-                        "(%d layers without them at step %d)", self.backend, missing, step)
+            log.warning(
+                "esdwatch: %s spectra need the eigenvalues: create the monitor with keep_evals=True "
+                "(%d layers without them at step %d)",
+                self.backend,
+                missing,
+                step,
+            )
         return out
 
     def _images(self, step: int) -> list[tuple[str, np.ndarray, str]] | None:
@@ -111,9 +117,19 @@ class DashboardSink:
             chosen = self._latest if self.max_esd_figures is None else self._latest[: self.max_esd_figures]
             for rec in chosen:
                 if rec.report.ok:
-                    out.append((f"{self.prefix}/esd_figure/{rec.name}", F.figure_to_rgb(F.esd_figure(rec, dpi=80)),
-                                f"{rec.name} @ step {step}"))
+                    out.append(
+                        (
+                            f"{self.prefix}/esd_figure/{rec.name}",
+                            F.figure_to_rgb(F.esd_figure(rec, dpi=80)),
+                            f"{rec.name} @ step {step}",
+                        )
+                    )
         if self.phase_map and self._phases:
-            out.append((f"{self.prefix}/phase_map", F.figure_to_rgb(F.phase_map_figure(snapshots=self._phases, dpi=100)),
-                        f"phases up to step {step}"))
+            out.append(
+                (
+                    f"{self.prefix}/phase_map",
+                    F.figure_to_rgb(F.phase_map_figure(snapshots=self._phases, dpi=100)),
+                    f"phases up to step {step}",
+                )
+            )
         return out

@@ -30,8 +30,13 @@ log = logging.getLogger("esdwatch.sinks")
 
 __all__ = ["check_sink_options", "shell_sinks", "sinks_for_loggers", "sink_for_logger", "sink_options"]
 
-_HINTS = {"tensorboard": "pip install 'esdwatch[tensorboard]'", "wandb": "pip install 'esdwatch[wandb]'",
-          "mlflow": "pip install mlflow", "comet": "pip install comet-ml", "neptune": "pip install neptune"}
+_HINTS = {
+    "tensorboard": "pip install 'esdwatch[tensorboard]'",
+    "wandb": "pip install 'esdwatch[wandb]'",
+    "mlflow": "pip install mlflow",
+    "comet": "pip install comet-ml",
+    "neptune": "pip install neptune",
+}
 
 
 def _classes() -> dict[str, type]:
@@ -53,8 +58,11 @@ def sink_options() -> dict[str, set[str]]:
 
 
 def _is_tensorboard(exp: Any) -> bool:
-    return exp is not None and callable(getattr(exp, "add_histogram_raw", None)) and callable(
-        getattr(exp, "add_scalar", None))
+    return (
+        exp is not None
+        and callable(getattr(exp, "add_histogram_raw", None))
+        and callable(getattr(exp, "add_scalar", None))
+    )
 
 
 def _is_wandb(exp: Any) -> bool:
@@ -78,12 +86,20 @@ def sink_for_logger(logger: Any, *, name: str | None = None, **options: Any) -> 
     try:
         exp = getattr(logger, "experiment", None)
     except ImportError as exc:
-        log.warning("esdwatch: %s is unusable (%s): %s; esdwatch writes nothing to it",
-                    type(logger).__name__, exc, _hint(logger, exc))
+        log.warning(
+            "esdwatch: %s is unusable (%s): %s; esdwatch writes nothing to it",
+            type(logger).__name__,
+            exc,
+            _hint(logger, exc),
+        )
         return None
     except Exception as exc:  # an experiment that cannot start: not esdwatch's to fix
-        log.warning("esdwatch: %s.experiment failed (%s: %s); esdwatch writes only log_metrics to it",
-                    type(logger).__name__, type(exc).__name__, exc)
+        log.warning(
+            "esdwatch: %s.experiment failed (%s: %s); esdwatch writes only log_metrics to it",
+            type(logger).__name__,
+            type(exc).__name__,
+            exc,
+        )
         exp = None
     if _is_tensorboard(exp):
         kind, target = "tensorboard", exp
@@ -158,6 +174,9 @@ def shell_sinks(loggers: Any, *, name: str | None, sink_options: Any) -> list[An
             raise ValueError(f"esdwatch: bad sink_options {sink_options}: {exc}") from exc
         raise
     except Exception as exc:
-        log.warning("esdwatch: could not build sinks for the loggers (%s: %s); records still go to records.jsonl",
-                    type(exc).__name__, exc)
+        log.warning(
+            "esdwatch: could not build sinks for the loggers (%s: %s); records still go to records.jsonl",
+            type(exc).__name__,
+            exc,
+        )
         return []

@@ -11,8 +11,9 @@ callers have always imported them.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from esdwatch.rundir import (
     ALARMS_FILE,
@@ -64,8 +65,14 @@ class JsonlSink:
         Also ``os.fsync`` after each snapshot (survives a power loss; slower).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, segment: int | None = None,
-                 resumed_from_step: int | None = None, fsync: bool = False):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        segment: int | None = None,
+        resumed_from_step: int | None = None,
+        fsync: bool = False,
+    ):
         self.directory = Path(directory)
         self.segment = segment
         self.resumed_from_step = resumed_from_step
@@ -90,7 +97,7 @@ class JsonlSink:
     def is_open(self) -> bool:
         return self._records is not None
 
-    def open(self) -> "JsonlSink":
+    def open(self) -> JsonlSink:
         if self._records is not None:
             return self
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ and one key per alarm.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from esdwatch.schema import Alarm, LayerRecord
 from esdwatch.sinks.tags import SCALAR_METRICS, finite_value, prefix_for, scalar_metrics

@@ -26,8 +26,8 @@ are not written. A monitor with ``keep_evals=True`` adds this sink itself (next 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from esdwatch.rundir import (
     SPECTRA_FILE,

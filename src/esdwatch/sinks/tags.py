@@ -13,7 +13,8 @@ a gap, never a fake number.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from esdwatch.schema import (
     SUMMARY_METRICS,

@@ -44,7 +44,8 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from esdwatch.schema import Alarm, LayerRecord, phase_name
 from esdwatch.sinks.dashboard import DashboardSink
@@ -55,11 +56,19 @@ __all__ = ["TensorBoardSink", "custom_scalars_layout", "layers_markdown", "TENSO
 TENSORBOARD_EXTRA_HINT = "pip install 'esdwatch[tensorboard]'"
 
 #: Metrics that get a multi-line chart (all layers) in the custom-scalars layout.
-LAYOUT_METRICS: tuple[str, ...] = ("alpha", "entropy", "mp_softrank", "stable_rank", "alpha_weighted",
-                                   "log_spectral_norm", "phase", "num_spikes")
+LAYOUT_METRICS: tuple[str, ...] = (
+    "alpha",
+    "entropy",
+    "mp_softrank",
+    "stable_rank",
+    "alpha_weighted",
+    "log_spectral_norm",
+    "phase",
+    "num_spikes",
+)
 
 # writers that already received a custom-scalars layout (add_custom_scalars: once per writer)
-_LAYOUT_WRITERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_LAYOUT_WRITERS: weakref.WeakSet[Any] = weakref.WeakSet()
 _LAYOUT_WRITER_IDS: set[int] = set()
 
 
@@ -100,8 +109,8 @@ def layers_markdown(records: Sequence[LayerRecord]) -> str:
         spikes = str(r.num_spikes) if r.num_spikes is not None and r.num_spikes >= 0 else "-"
         status = "" if r.ok else f" ({r.status})"
         lines.append(
-            f"| {rec.name.replace('|', '&#124;')}{status} | {phase_name(r.phase)} | {_cell(r.alpha)} | {_cell(r.entropy)} | "
-            f"{_cell(r.mp_softrank)} | {_cell(r.stable_rank, '.2f')} | {spikes} |"
+            f"| {rec.name.replace('|', '&#124;')}{status} | {phase_name(r.phase)} | {_cell(r.alpha)} | "
+            f"{_cell(r.entropy)} | {_cell(r.mp_softrank)} | {_cell(r.stable_rank, '.2f')} | {spikes} |"
         )
     return "\n".join(lines)
 
@@ -166,9 +175,19 @@ class TensorBoardSink(DashboardSink):
                 raise TypeError(f"{type(writer).__name__} is not a SummaryWriter (no add_scalar)")
             self.writer = writer
             self._owns_writer = False
-        super().__init__(prefix=prefix, name=name, summary=summary, metrics=metrics, histograms=histograms,
-                         hist_bins=hist_bins, figures=figures, figure_every=figure_every, esd_figures=esd_figures,
-                         max_esd_figures=max_esd_figures, phase_map=phase_map)
+        super().__init__(
+            prefix=prefix,
+            name=name,
+            summary=summary,
+            metrics=metrics,
+            histograms=histograms,
+            hist_bins=hist_bins,
+            figures=figures,
+            figure_every=figure_every,
+            esd_figures=esd_figures,
+            max_esd_figures=max_esd_figures,
+            phase_map=phase_map,
+        )
         self.text = text
         self.custom_scalars = custom_scalars
 
@@ -228,10 +247,15 @@ class TensorBoardSink(DashboardSink):
             # ending at the lowest edge makes the left edge explicit.
             add_raw(
                 f"{self.prefix}/esd/{rec.name}",
-                min=h.vmin, max=h.vmax, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
+                min=h.vmin,
+                max=h.vmax,
+                num=h.num,
+                sum=h.sum,
+                sum_squares=h.sum_squares,
                 bucket_limits=[float(x) for x in h.edges],
                 bucket_counts=[0] + [int(c) for c in h.counts],
-                global_step=step, walltime=wall,
+                global_step=step,
+                walltime=wall,
             )
 
     def _write_figures(self, step: int, wall: float | None) -> None:
@@ -245,8 +269,10 @@ class TensorBoardSink(DashboardSink):
     def alarm(self, alarm: Alarm) -> None:
         step = self._step(alarm.step)
         value = "-" if alarm.value is None or not math.isfinite(float(alarm.value)) else f"{float(alarm.value):.4g}"
-        text = (f"**{alarm.severity} `{alarm.kind}`** at step {alarm.step if alarm.step is not None else '?'}, "
-                f"layer `{alarm.layer}`: {alarm.message} (value {value}, threshold {alarm.threshold:g})")
+        text = (
+            f"**{alarm.severity} `{alarm.kind}`** at step {alarm.step if alarm.step is not None else '?'}, "
+            f"layer `{alarm.layer}`: {alarm.message} (value {value}, threshold {alarm.threshold:g})"
+        )
         self.writer.add_text(f"{self.prefix}/alarms", text, global_step=step)
         self._flush()
 
@@ -263,4 +289,6 @@ class TensorBoardSink(DashboardSink):
                 self.writer.close()
 
     def __repr__(self) -> str:
-        return f"TensorBoardSink({type(self.writer).__name__}, prefix={self.prefix!r}, figure_every={self.figure_every})"
+        return (
+            f"TensorBoardSink({type(self.writer).__name__}, prefix={self.prefix!r}, figure_every={self.figure_every})"
+        )

@@ -33,7 +33,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from esdwatch.schema import Alarm, LayerRecord, phase_name
 from esdwatch.sinks.dashboard import DashboardSink
@@ -53,8 +54,24 @@ _SEVERITY = {"info": 0, "warning": 1, "error": 2}
 
 #: Columns of the per-layer table (LayerRecord / LayerReport fields; phase by name).
 TABLE_COLUMNS: tuple[str, ...] = (
-    "global_step", "name", "kind", "N", "M", "phase", "alpha", "alpha_weighted", "entropy", "stable_rank",
-    "mp_softrank", "log_spectral_norm", "num_spikes", "num_traps", "D", "xmin", "lambda_plus", "lambda_max",
+    "global_step",
+    "name",
+    "kind",
+    "N",
+    "M",
+    "phase",
+    "alpha",
+    "alpha_weighted",
+    "entropy",
+    "stable_rank",
+    "mp_softrank",
+    "log_spectral_norm",
+    "num_spikes",
+    "num_traps",
+    "D",
+    "xmin",
+    "lambda_plus",
+    "lambda_max",
     "status",
 )
 
@@ -143,9 +160,19 @@ class WandbSink(DashboardSink):
                 raise ValueError("WandbSink needs a run: pass one, or call wandb.init() first")
         if not callable(getattr(run, "log", None)):
             raise TypeError(f"{type(run).__name__} is not a wandb run (no log method)")
-        super().__init__(prefix=prefix, name=name, summary=summary, metrics=metrics, histograms=histograms,
-                         hist_bins=hist_bins, figures=figures, figure_every=figure_every, esd_figures=esd_figures,
-                         max_esd_figures=max_esd_figures, phase_map=phase_map)
+        super().__init__(
+            prefix=prefix,
+            name=name,
+            summary=summary,
+            metrics=metrics,
+            histograms=histograms,
+            hist_bins=hist_bins,
+            figures=figures,
+            figure_every=figure_every,
+            esd_figures=esd_figures,
+            max_esd_figures=max_esd_figures,
+            phase_map=phase_map,
+        )
         if not 1 <= self.hist_bins <= MAX_HIST_BINS:
             raise ValueError(f"hist_bins must be in 1..{MAX_HIST_BINS} (W&B's histogram limit), got {self.hist_bins}")
         self.run = run
@@ -189,8 +216,10 @@ class WandbSink(DashboardSink):
         self.run.log(payload)
 
     def _histograms(self, records: Sequence[LayerRecord], step: int) -> dict[str, Any]:
-        return {f"{self.prefix}/esd/{rec.name}": self._wb.Histogram(np_histogram=(h.counts.tolist(), h.edges.tolist()))
-                for rec, h in self._spectra(records, step)}
+        return {
+            f"{self.prefix}/esd/{rec.name}": self._wb.Histogram(np_histogram=(h.counts.tolist(), h.edges.tolist()))
+            for rec, h in self._spectra(records, step)
+        }
 
     def _media(self, step: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -219,8 +248,12 @@ class WandbSink(DashboardSink):
         levels = {"info": "INFO", "warning": "WARN", "error": "ERROR"}
         level = getattr(self._wb.AlertLevel, levels.get(alarm.severity, "WARN"))
         where = f" (step {alarm.step})" if alarm.step is not None else ""
-        self.run.alert(title=alert_title(alarm, self.prefix), text=f"{alarm.message}{where}", level=level,
-                       wait_duration=max(int(self.alert_interval_s), 1))
+        self.run.alert(
+            title=alert_title(alarm, self.prefix),
+            text=f"{alarm.message}{where}",
+            level=level,
+            wait_duration=max(int(self.alert_interval_s), 1),
+        )
 
     def close(self) -> None:
         if self._closed:
