@@ -110,9 +110,9 @@ def report(res: C.Results, runs: dict[int, C.Run], cfg: dict, n_train: int, n_te
         f"## Setup\n\nMiniAlexNet-like CNN for 8x8 images (conv 1->{net.conv1.out_channels} 3x3, maxpool, conv "
         f"{net.conv1.out_channels}->{net.conv2.out_channels} 3x3, maxpool, FC1 {net.fc1.in_features}->"
         f"{net.fc1.out_features}, FC2 {net.fc2.in_features}->{net.fc2.out_features}, FC3 ->10; ReLU) on "
-        f"scikit-learn's digits ({n_train} train / {n_test} test, pixels scaled to [0, 1]). SGD, learning rate {LR} and "
-        f"momentum {MOMENTUM} for every batch size, {cfg['epochs']} epochs each, the same initialization (seed) for "
-        f"every run. Batch sizes {bss} ({math.log10(bss[-1] / bss[0]):.1f} orders of magnitude). "
+        f"scikit-learn's digits ({n_train} train / {n_test} test, pixels scaled to [0, 1]). SGD, learning rate {LR} "
+        f"and momentum {MOMENTUM} for every batch size, {cfg['epochs']} epochs each, the same initialization (seed) "
+        f"for every run. Batch sizes {bss} ({math.log10(bss[-1] / bss[0]):.1f} orders of magnitude). "
         f"`ESDMonitor(every_n_epochs=1, at_start=True)` watches {', '.join(layers)} (conv1 and FC3 are below the "
         f"50-eigenvalue floor); the numbers below are its records at the last snapshot (end of training)."
     )

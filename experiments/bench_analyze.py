@@ -152,8 +152,10 @@ def bench_fit(repeats: int) -> dict[int, tuple[float, float]]:
         W = torch.randn(2 * m, m, generator=gen, dtype=torch.float64)
         evals = esdwatch.eigenvalues(W).numpy()
         esdwatch.fit_power_law(evals)
-        ours = median_time(lambda: esdwatch.fit_power_law(evals), max(repeats, 5))
-        ref = median_time(lambda: powerlaw.Fit(evals, parameter_ranges={"alpha": [1, 100]}, verbose=False), repeats)
+        ours = median_time(lambda evals=evals: esdwatch.fit_power_law(evals), max(repeats, 5))
+        ref = median_time(
+            lambda evals=evals: powerlaw.Fit(evals, parameter_ranges={"alpha": [1, 100]}, verbose=False), repeats
+        )
         out[m] = (ours, ref)
         print(
             f"fit n={m}: fit_power_law {ours * 1e3:.1f} ms, powerlaw.Fit {ref * 1e3:.0f} ms, ratio {ref / ours:.0f}x",
@@ -195,9 +197,10 @@ def main() -> int:
     lines = [
         "# Benchmark: esdwatch.analyze versus the eigenvalue floor and weightwatcher",
         "",
-        f"Produced by `python experiments/bench_analyze.py --repeats {args.repeats} --threads {THREADS}` on {platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), CPU only; "
-        f"median of {args.repeats} runs ((d): {args.slow_repeats}), all measured side by side in one run. Every library ran on "
+        f"Produced by `python experiments/bench_analyze.py --repeats {args.repeats} --threads {THREADS}` "
+        f"on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), CPU only; median of {args.repeats} runs ((d): {args.slow_repeats}), "
+        "all measured side by side in one run. Every library ran on "
         f"{THREADS} thread(s). Load average from other work on the machine: {load_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (timings are wall-clock; ratios are the robust figures).",
         "",

@@ -436,8 +436,8 @@ def main() -> None:
     p("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, wall, ratio, hook, hook_pct, copy, handle, n_an, skipped, alone_s, extra, amp, drain in rows:
         p(
-            f"| {name} | {wall:.2f} | {ratio:.3f} | {hook:.3f} | {hook_pct:.2f} % | {copy:.3f} | {handle:.3f} | {n_an:g} | "
-            f"{skipped:g} | {alone_s:.2f} | {extra:+.2f} | {amp:.2f} | {drain:.2f} |"
+            f"| {name} | {wall:.2f} | {ratio:.3f} | {hook:.3f} | {hook_pct:.2f} % | {copy:.3f} | {handle:.3f} | "
+            f"{n_an:g} | {skipped:g} | {alone_s:.2f} | {extra:+.2f} | {amp:.2f} | {drain:.2f} |"
         )
     p(
         f"\nA worker process needs {startup:.2f} s from spawn to ready (importing torch and esdwatch; measured apart, "
@@ -452,9 +452,10 @@ def main() -> None:
     p(f'## every_n_steps="auto", max_overhead=0.05 ({args.auto_steps} steps)\n')
     p(f"No monitor: **{auto_none:.2f} s**.\n")
     p(
-        "| configuration | wall s | slowdown vs the paired no-monitor run (median) | per round | slowdown within the run "
-        "(median) | per round | idle-step time / no-monitor step time | worker CPU / training time | final interval "
-        "(per round) | snapshots analysed (per round) | hooks s | worker CPU s | skipped | final drain s |"
+        "| configuration | wall s | slowdown vs the paired no-monitor run (median) | per round | "
+        "slowdown within the run (median) | per round | idle-step time / no-monitor step time | "
+        "worker CPU / training time | final interval (per round) | snapshots analysed (per round) | hooks s | "
+        "worker CPU s | skipped | final drain s |"
     )
     p("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (
@@ -475,8 +476,8 @@ def main() -> None:
     ) in auto_rows:
         p(
             f"| {name} | {wall:.2f} | {slow:+.3f} | {', '.join(f'{x:+.3f}' for x in slows)} | {win:+.3f} | "
-            f"{', '.join(f'{x:+.3f}' for x in wins)} | {idle_ratio:.3f} | {100 * cpu_frac:.1f} % | {intervals} | {n_an} | "
-            f"{hook:.3f} | {cpu:.2f} | {skipped} | {drain:.2f} |"
+            f"{', '.join(f'{x:+.3f}' for x in wins)} | {idle_ratio:.3f} | {100 * cpu_frac:.1f} % | {intervals} | "
+            f"{n_an} | {hook:.3f} | {cpu:.2f} | {skipped} | {drain:.2f} |"
         )
     p(
         "\nTwo measures of the slowdown. *Paired*: the wall time against the no-monitor run of the same round. *Within "
@@ -519,19 +520,19 @@ def main() -> None:
     spread = 100 * (max(r["wall"] for r in auto_runs["none"]) / min(r["wall"] for r in auto_runs["none"]) - 1)
     for (
         name,
-        wall,
+        _wall,
         slow,
         slows,
         win,
         wins,
-        idle_ratio,
+        _idle_ratio,
         cpu_frac,
-        intervals,
-        n_an,
-        hook,
-        cpu,
-        skipped,
-        drain,
+        _intervals,
+        _n_an,
+        _hook,
+        _cpu,
+        _skipped,
+        _drain,
     ) in auto_rows:
         met_w, met_p = 0.03 <= win <= 0.07, 0.03 <= slow <= 0.07
         below = ""
@@ -541,8 +542,8 @@ def main() -> None:
                 "its budget, but on a core the training did not need, so it hardly slowed the training)"
             )
         p(
-            f"* **auto within 0.05 +- 0.02, {name}: within the run {'met' if met_w else 'NOT met'}{below} ({win:+.3f}; per "
-            f"round {', '.join(f'{x:+.3f}' for x in wins)}); against the paired no-monitor runs "
+            f"* **auto within 0.05 +- 0.02, {name}: within the run {'met' if met_w else 'NOT met'}{below} "
+            f"({win:+.3f}; per round {', '.join(f'{x:+.3f}' for x in wins)}); against the paired no-monitor runs "
             f"{'met' if met_p else 'NOT met'} ({slow:+.3f}; per round {', '.join(f'{x:+.3f}' for x in slows)}; the "
             f"no-monitor runs alone spread by {spread:.0f}%).**"
         )

@@ -208,7 +208,8 @@ class MiniAlexNet(nn.Module):
 
 
 class Task(L.LightningModule):
-    """A LightningModule around ``net``: cross-entropy (``loss="ce"``) or mean squared error (``"mse"``), SGD or Adam."""
+    """A LightningModule around ``net``: cross-entropy (``loss="ce"``) or mean squared error (``"mse"``),
+    SGD or Adam."""
 
     def __init__(
         self,

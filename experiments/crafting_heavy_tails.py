@@ -139,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for opt, lrs in (("gd", cfg["gd"]), ("adam", cfg["adam"])):
             for lr in lrs:
                 weights: dict[int, torch.Tensor] = {}
-                cap = C.Capture(lambda step, net: weights.__setitem__(step, net.W.weight.detach().clone()))
+                cap = C.Capture(
+                    lambda step, net, weights=weights: weights.__setitem__(step, net.W.weight.detach().clone())
+                )
                 net = TwoLayer(cfg["d"], cfg["h"], seed=args.seed)
                 task = C.Task(
                     net, lr=lr, optimizer="sgd" if opt == "gd" else "adam", loss="mse", params=lambda m: [m.W.weight]
@@ -251,8 +253,9 @@ def report(res: C.Results, results: dict, cfg: dict) -> None:
         "`u1.G` / `v1.G`: |<u_1(W), u_1(G)>| and |<v_1(W), v_1(G)>|, overlaps of the top left / right singular "
         f"vectors of W after step {T} with those of the first update G = W_1 - W_0; `u1.(W-W0)`: the same with "
         f"the accumulated update W_{T} - W_0; `v1.beta`: overlap of W's top right singular vector with the "
-        "teacher direction, `vG.beta` that of the first update's. `readout`: the paper's feature-quality score (test MSE of the ridge readout, lower "
-        "is better); `train` / `test`: MSE of the student's own output (fixed a). At initialization W is "
+        "teacher direction, `vG.beta` that of the first update's. `readout`: the paper's feature-quality score "
+        "(test MSE of the ridge readout, lower is better); `train` / `test`: MSE of the student's own output "
+        "(fixed a). At initialization W is "
         f"{d0['run'].at(0)[LAYER].report.phase} (alpha {C.fmt(d0['run'].at(0)[LAYER].report.alpha, 2)}).\n\n"
         + C.md_table(
             [

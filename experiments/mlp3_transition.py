@@ -99,8 +99,9 @@ def report(res: C.Results, run: C.Run, cfg: dict, every: int, h: int) -> None:
         f"{cfg['epochs']} epochs ({run.steps} steps) on scikit-learn's digits (64 features, "
         f"1348 train / 449 test images). `ESDMonitor(every_n_steps={every}, at_start=True, "
         f"keep_evals=True)`: {len(steps)} snapshots from step {first} to {last}. Final accuracy: train "
-        f"{run.metrics['train']:.3f}, test {run.metrics['test']:.3f}. Monitor: {int(run.monitor_stats.get('analysed', 0))} "
-        f"snapshots analysed, {int(run.monitor_stats.get('skipped', 0))} skipped, analysis "
+        f"{run.metrics['train']:.3f}, test {run.metrics['test']:.3f}. Monitor: "
+        f"{int(run.monitor_stats.get('analysed', 0))} snapshots analysed, "
+        f"{int(run.monitor_stats.get('skipped', 0))} skipped, analysis "
         f"{run.monitor_stats.get('analysis_wall_s', 0):.1f} s wall in the background worker; training took "
         f"{run.train_s:.1f} s."
     )

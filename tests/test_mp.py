@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -152,7 +153,7 @@ def test_gaussian_fit_accuracy_and_no_false_spikes(Q):
     N = Q * M
     rng = np.random.default_rng(1000 + Q)
     zero_spikes = 0
-    for seed in range(seeds):
+    for _ in range(seeds):
         ev1 = gram_evals(rng.standard_normal((N, M)))
         for sigma in (0.02, 1.0):
             # eigenvalues of (sigma G)^T (sigma G), up to rounding: the fit is equivariant
@@ -181,7 +182,7 @@ def test_fit_fields_are_consistent():
     assert f.bulk_max == f.lambda_max == ev[-1] and f.softrank == f.lambda_plus / ev[-1]
     assert f.ks == f.ks_all and 0 <= f.mass_just_above <= f.mass_above_edge < 0.02
     assert fit_mp(ev, M, N) == f  # N < M: swapped
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         f.sigma2 = 1.0  # frozen
 
 

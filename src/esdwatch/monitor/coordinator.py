@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,11 +35,12 @@ from esdwatch.monitor.schedule import OverheadBudget, Schedule, SnapshotCosts
 from esdwatch.monitor.snapshotter import Outcome, Snapshotter, Taken
 from esdwatch.monitor.stopping import StopDecision
 from esdwatch.monitor.worker import Result
+from esdwatch.rundir import run_dir
 from esdwatch.schema import STATUS_FAILED, LayerRecord
 
 log = logging.getLogger("esdwatch.monitor")
 
-__all__ = ["Coordinator", "LocalCoordinator", "MonitorParts"]
+__all__ = ["Coordinator", "LocalCoordinator", "MonitorParts", "new_stats"]
 
 #: skipped steps kept in :attr:`Coordinator.skipped_steps` (the count in stats is exact)
 SKIPPED_KEEP = 1000
@@ -61,6 +63,49 @@ class MonitorParts:
     #: the model to snapshot and the module holding its FSDP1 units (looked up at each snapshot)
     model_and_root: Callable[[], tuple[torch.nn.Module, torch.nn.Module | None]]
     writer: bool
+
+    @classmethod
+    def build(
+        cls,
+        options: MonitorOptions,
+        *,
+        rank: int,
+        world_size: int,
+        context: Any,
+        model_and_root: Callable[[], tuple[torch.nn.Module, torch.nn.Module | None]],
+    ) -> MonitorParts:
+        """Every part of one monitor, wired together (rank 0 writes; ``context`` goes to alarm actions)."""
+        opts, writer = options, rank == 0
+        stats = new_stats()
+        faults = Faults(opts.strict, stats)
+        directory = None if opts.log_dir is None else run_dir(opts.log_dir, opts.name)
+        outputs = Outputs(directory, opts.sinks or [], faults, writer=writer, keep_evals=opts.keep_evals)
+        stop = StopDecision(distributed=world_size > 1)
+        return cls(
+            options=opts,
+            schedule=Schedule(opts.every_n_steps, opts.every_n_epochs, opts.max_overhead),
+            budget=OverheadBudget(opts.max_overhead),
+            faults=faults,
+            outputs=outputs,
+            publisher=Publisher(outputs, opts.alarm_policy(), stop, faults, writer=writer, context=context),
+            snapshotter=Snapshotter(
+                opts.find_layers_kwargs, opts.analysis_config, faults, rank=rank, world_size=world_size
+            ),
+            runtime=AnalysisRuntime(opts.execution, opts.analysis.analyze_fn, stats, on_gpu=opts.analysis.on_gpu),
+            stop=stop,
+            stats=stats,
+            model_and_root=model_and_root,
+            writer=writer,
+        )
+
+
+def new_stats() -> dict[str, float]:
+    """The monitor's counters (``Monitor.stats``), all zero."""
+    names = (
+        "snapshots skipped analysed failed_layers empty_snapshots hook_s snapshot_s handle_s analysis_wall_s "
+        "analysis_cpu_s block_s bytes_copied exchanges exchange_s layers_analysed"
+    )
+    return {name: (0.0 if name.endswith("_s") else 0) for name in names.split()}
 
 
 class Coordinator:

@@ -401,6 +401,22 @@ def _only(names: Sequence[str]) -> str:
     return f"re:^(?!(?:{body})$)"
 
 
+def _patterns(value: Any) -> list[str]:
+    """A ``layers``/``exclude`` option as a list of patterns."""
+    return [] if value is None else ([value] if isinstance(value, str) else list(value))
+
+
+def _first_seen(mats: Sequence[LayerMatrix], seen: set[str]) -> list[LayerMatrix]:
+    """The matrices no earlier FSDP unit held, under their FSDP-free names (``seen`` is updated)."""
+    fresh = []
+    for m in mats:
+        clean = clean_fsdp_name(m.name)
+        if clean not in seen:
+            seen.add(clean)
+            fresh.append(dataclasses.replace(m, name=clean))
+    return fresh
+
+
 def _plan_fsdp1(
     model: nn.Module,
     layer_options: Mapping[str, Any],
@@ -418,10 +434,7 @@ def _plan_fsdp1(
     loads = [0.0] * world_size
     seen: set[str] = set()
     members = _unit_modules(model, root, units)
-    user_exclude = layer_options.get("exclude")
-    user_exclude = (
-        [] if user_exclude is None else ([user_exclude] if isinstance(user_exclude, str) else list(user_exclude))
-    )
+    user_exclude = _patterns(layer_options.get("exclude"))
     for unit in units:
         if not members[id(unit)]:
             continue
@@ -431,13 +444,7 @@ def _plan_fsdp1(
         # one unit unsharded at a time (every rank: FSDP's all-gather)
         with _summon(unit), torch.no_grad():
             mats, sk = find_layers(model, **options)
-            fresh = []
-            for m in mats:
-                clean = clean_fsdp_name(m.name)
-                if clean in seen:
-                    continue
-                seen.add(clean)
-                fresh.append(dataclasses.replace(m, name=clean))
+            fresh = _first_seen(mats, seen)
             c = [layer_cost(m) for m in fresh]
             o = assign_owners(c, world_size, loads)
             for m, ci, oi in zip(fresh, c, o):

@@ -56,15 +56,8 @@ from esdwatch.errors import EsdwatchError, EsdwatchWarning
 from esdwatch.monitor.coordinator import Coordinator, LocalCoordinator, MonitorParts
 from esdwatch.monitor.distributed import Comm, default_comm
 from esdwatch.monitor.exchange import DistributedCoordinator
-from esdwatch.monitor.faults import Faults
 from esdwatch.monitor.options import MonitorOptions, takes_monitor_options
-from esdwatch.monitor.outputs import Outputs
-from esdwatch.monitor.publisher import Publisher
-from esdwatch.monitor.runtime import AnalysisRuntime
-from esdwatch.monitor.schedule import OverheadBudget, Schedule, auto_interval
-from esdwatch.monitor.snapshotter import Snapshotter
-from esdwatch.monitor.stopping import StopDecision
-from esdwatch.rundir import run_dir
+from esdwatch.monitor.schedule import auto_interval
 from esdwatch.schema import Alarm
 
 log = logging.getLogger("esdwatch.monitor")
@@ -82,26 +75,6 @@ def _close_live_monitors() -> None:
             mon.abort(timeout=min(10.0, mon.drain_timeout or 0.0))
         except Exception:  # pragma: no cover - best effort at exit
             pass
-
-
-def _new_stats() -> dict[str, float]:
-    return {
-        "snapshots": 0,
-        "skipped": 0,
-        "analysed": 0,
-        "failed_layers": 0,
-        "empty_snapshots": 0,
-        "hook_s": 0.0,
-        "snapshot_s": 0.0,
-        "handle_s": 0.0,
-        "analysis_wall_s": 0.0,
-        "analysis_cpu_s": 0.0,
-        "block_s": 0.0,
-        "bytes_copied": 0,
-        "exchanges": 0,
-        "exchange_s": 0.0,
-        "layers_analysed": 0,
-    }
 
 
 class Monitor:
@@ -137,35 +110,14 @@ class Monitor:
         self.rank, self.world_size = int(rank), int(world_size)
         self.comm = comm
         self.root_module = root_module
-        self.stats = _new_stats()
-        faults = Faults(opts.strict, self.stats)
-        directory = None if opts.log_dir is None else run_dir(opts.log_dir, opts.name)
-        outputs = Outputs(directory, opts.sinks or [], faults, writer=self.is_writer, keep_evals=opts.keep_evals)
-        self.stop = StopDecision(self.distributed)
-        parts = MonitorParts(
-            options=opts,
-            schedule=Schedule(opts.every_n_steps, opts.every_n_epochs, opts.max_overhead),
-            budget=OverheadBudget(opts.max_overhead),
-            faults=faults,
-            outputs=outputs,
-            publisher=Publisher(
-                outputs,
-                opts.alarm_policy(),
-                self.stop,
-                faults,
-                writer=self.is_writer,
-                context=self if context is None else context,
-            ),
-            snapshotter=Snapshotter(
-                opts.find_layers_kwargs, opts.analysis_config, faults, rank=self.rank, world_size=self.world_size
-            ),
-            runtime=AnalysisRuntime(opts.execution, opts.analysis.analyze_fn, self.stats, on_gpu=opts.analysis.on_gpu),
-            stop=self.stop,
-            stats=self.stats,
+        self.parts = parts = MonitorParts.build(
+            opts,
+            rank=self.rank,
+            world_size=self.world_size,
             model_and_root=self._model_and_root,
-            writer=self.is_writer,
+            context=self if context is None else context,
         )
-        self.parts = parts
+        self.stats, self.stop = parts.stats, parts.stop
         self.coordinator: Coordinator = (
             DistributedCoordinator(parts, self._get_comm, self.rank, self.world_size)
             if self.distributed

@@ -105,18 +105,8 @@ class Snapshotter:
             )
         if snap is None:  # the caller checked that a slot is free: cannot happen
             return Taken(Outcome.COPY_FAILED, plan, time.perf_counter() - t0, error="no free snapshot slot")
-        executor.submit(
-            Job(
-                seq=seq,
-                step=step,
-                epoch=epoch,
-                wall_time=time.time(),
-                mats=snap.mats,
-                config=self.config,
-                slot=snap.slot,
-                snapshot=snap,
-            )
-        )
+        job = Job(seq, step, epoch, time.time(), snap.mats, self.config, slot=snap.slot, snapshot=snap)
+        executor.submit(job)
         return Taken(Outcome.SUBMITTED, plan, time.perf_counter() - t0, snap.nbytes)
 
     def _note_mode(self, plan: ShardPlan) -> None:
