@@ -18,6 +18,7 @@ waits.
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
 from collections.abc import Callable
@@ -108,7 +109,7 @@ def new_stats() -> dict[str, float]:
     return {name: (0.0 if name.endswith("_s") else 0) for name in names.split()}
 
 
-class Coordinator:
+class Coordinator(abc.ABC):
     """What both coordinators share: counters, skips, the bookkeeping of a finished analysis."""
 
     #: whether the coordinator reduces the stop decision itself (at its exchanges)
@@ -122,26 +123,31 @@ class Coordinator:
         self._copy_s: dict[int, float] = {}  # seq -> seconds the training thread spent taking it
 
     # ---- the interface the Monitor front uses
+    @abc.abstractmethod
     def on_step(self, step: int, epoch: int) -> None:
-        raise NotImplementedError
+        """A new optimizer step (later than the last handled): snapshot it if it is due."""
 
+    @abc.abstractmethod
     def on_epoch_end(self, step: int, epoch: int, due: bool) -> None:
-        raise NotImplementedError
+        """The end of an epoch; ``due``: under ``every_n_epochs``, a snapshot is scheduled."""
 
+    @abc.abstractmethod
     def take_now(self, step: int, epoch: int, reason: str, *, block: bool | None = None, stop: bool = True) -> bool:
-        raise NotImplementedError
+        """Take a snapshot at ``step`` (``reason``: start, step, epoch, end, manual); False if skipped."""
 
+    @abc.abstractmethod
     def collect(self, res: Result) -> None:
-        raise NotImplementedError
+        """A finished analysis of this rank: free its buffers, publish what is complete, in order."""
 
+    @abc.abstractmethod
     def finish(self, step: int, epoch: int, drain: Callable[[], bool], *, at_end: bool) -> None:
         """End of training: the ``at_end`` snapshot (unless that step has one), then drain and flush."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def before_checkpoint(self, drain: Callable[[], bool], running: bool) -> None:
-        raise NotImplementedError
+        """A checkpoint is about to be saved: put every snapshot in flight on disk first."""
 
-    def flush_partial(self) -> None:
+    def flush_partial(self) -> None:  # noqa: B027 - one process publishes as results arrive: nothing is held back
         """No more exchanges (an exception, an abort): publish what can be published."""
 
     def raise_pending(self) -> None:
