@@ -30,7 +30,7 @@ from torch import nn
 try:  # the demo needs one of the two Lightning packages
     import lightning.pytorch as L
 except ImportError:  # pragma: no cover - depends on the environment
-    import pytorch_lightning as L  # type: ignore[no-redef]
+    import pytorch_lightning as L  # type: ignore[no-redef]  # same API, other package
 
 __all__ = ["DigitsMLP", "DigitsDataModule", "load_digits_tensors", "main", "phase_table"]
 

@@ -91,6 +91,7 @@ SPECTRA_FILE = "spectra.jsonl"
 DISTRIBUTED_FILE = "distributed.jsonl"
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 
 # ------------------------------------------------------------------- where
@@ -270,12 +271,10 @@ def superseded(segment: int, step: float, cuts: Sequence[tuple[int, float]]) -> 
     return any(seg > segment and step > start for seg, start in cuts)
 
 
-def _latest(
-    items: Iterable[tuple[int, int, float, Hashable, T]], cuts: Sequence[tuple[int, float]]
-) -> dict[Hashable, tuple[int, T]]:
+def _latest(items: Iterable[tuple[int, int, float, K, T]], cuts: Sequence[tuple[int, float]]) -> dict[K, tuple[int, T]]:
     """``{key: (line, value)}`` from (line, segment, step, key, value) items: superseded
     items dropped, then per key the latest segment's (ties: the later line)."""
-    best: dict[Hashable, tuple[tuple[int, int], T]] = {}
+    best: dict[K, tuple[tuple[int, int], T]] = {}
     for lineno, segment, step, key, value in items:
         if superseded(segment, step, cuts):
             continue

@@ -81,22 +81,22 @@ class Phase(str, enum.Enum):
 
     def _cmp(self, other: Any) -> int:
         if not isinstance(other, Phase):
-            return NotImplemented  # type: ignore[return-value]
+            return NotImplemented
         return self.order - other.order
 
-    def __lt__(self, other: Any) -> bool:  # type: ignore[override]
+    def __lt__(self, other: Any) -> bool:
         c = self._cmp(other)
         return c if c is NotImplemented else c < 0
 
-    def __le__(self, other: Any) -> bool:  # type: ignore[override]
+    def __le__(self, other: Any) -> bool:
         c = self._cmp(other)
         return c if c is NotImplemented else c <= 0
 
-    def __gt__(self, other: Any) -> bool:  # type: ignore[override]
+    def __gt__(self, other: Any) -> bool:
         c = self._cmp(other)
         return c if c is NotImplemented else c > 0
 
-    def __ge__(self, other: Any) -> bool:  # type: ignore[override]
+    def __ge__(self, other: Any) -> bool:
         c = self._cmp(other)
         return c if c is NotImplemented else c >= 0
 

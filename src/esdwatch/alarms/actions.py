@@ -52,7 +52,7 @@ def run_action(
     else:
         log.log(level, text)
         try:
-            action(context, alarm)  # type: ignore[operator]
+            action(context, alarm)  # type: ignore[operator]  # the string actions were handled above
         except Exception as exc:
             log.exception("esdwatch: alarm action %r for %s failed", action, alarm.kind)
             if on_failure is not None:

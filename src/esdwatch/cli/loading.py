@@ -64,9 +64,11 @@ def _load_hf_directory(path: Path) -> torch.nn.Module | dict[str, torch.Tensor]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import transformers  # noqa: F401
+
+        have_transformers = True
     except ImportError:
-        transformers = None
-    if transformers is not None:
+        have_transformers = False
+    if have_transformers:
         try:
             from transformers import AutoModel
 

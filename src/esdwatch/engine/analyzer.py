@@ -229,19 +229,22 @@ def _all_eigenvalues(
     done are retried one by one.
     """
     computed: dict[int, torch.Tensor | Exception] = {}
-    options = dict(dtype=config.dtype, device=config.device, method=config.method)
     try:
         # every spectrum first, then the fits: fitting one layer (Python, holding the GIL)
         # while the pool decomposes the next makes the pool wait for the GIL at each
         # kernel boundary (experiments/results/engine_design_notes.md)
-        for k, ev in iter_eigenvalues(weights, scales=scales, **options):
+        for k, ev in iter_eigenvalues(
+            weights, scales=scales, dtype=config.dtype, device=config.device, method=config.method
+        ):
             computed[k] = ev
     except Exception:
         log.debug("batched eigenvalues failed, retrying layer by layer", exc_info=True)
         for k, (W, scale) in enumerate(zip(weights, scales)):
             if k not in computed:
                 try:
-                    computed[k] = batch_eigenvalues([W], scales=[scale], **options)[0]
+                    computed[k] = batch_eigenvalues(
+                        [W], scales=[scale], dtype=config.dtype, device=config.device, method=config.method
+                    )[0]
                 except Exception as exc:
                     computed[k] = exc
     return computed

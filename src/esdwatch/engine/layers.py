@@ -215,7 +215,7 @@ def clean_module_name(name: str) -> str:
 
 
 def _is_uninitialized(t: torch.Tensor) -> bool:
-    return isinstance(t, nn.parameter.UninitializedTensorMixin)
+    return nn.parameter.is_lazy(t)  # isinstance(t, UninitializedTensorMixin)
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -404,6 +404,7 @@ def _conv_candidate(
     def make() -> list[_Item]:
         return _kernel_items(group, t.detach(), cfg.conv_mode, norm)
 
+    names: list[tuple[str, tuple[str, ...]]]
     names = _kernel_names(group, t, cfg.conv_mode) if isinstance(t, torch.Tensor) else [(group, ())]
     return _Candidate(
         group,
@@ -422,7 +423,7 @@ def _in_proj_candidate(
     group: str, module_type: str, module: nn.Module | None, t: torch.Tensor, pname: str
 ) -> _Candidate:
     """Packed (3E, E) q/k/v projection -> three (E, E) views named group.q/.k/.v."""
-    names = [(f"{group}.{p}", (group,)) for p in "qkv"]
+    names: list[tuple[str, tuple[str, ...]]] = [(f"{group}.{p}", (group,)) for p in "qkv"]
 
     def make() -> list[_Item]:
         w = t.detach()
@@ -517,14 +518,14 @@ def _module_candidates(
     if isinstance(mod, nn.MultiheadAttention):
         if getattr(mod, "in_proj_weight", None) is not None:
             return [_in_proj_candidate(f"{pfx}in_proj", tname, mod, mod.in_proj_weight, f"{pfx}in_proj_weight")]
-        out = []
+        out: list[_Candidate] = []
         for p in ("q", "k", "v"):
             t = getattr(mod, f"{p}_proj_weight", None)
             if t is not None:
                 out.append(_dense_candidate(f"{pfx}{p}_proj", "attention", tname, mod, t, f"{pfx}{p}_proj_weight"))
         return out  # out_proj is an nn.Linear child
 
-    out: list[_Candidate] = []
+    out = []
     is_lora = False
     for a_attr, b_attr in _LORA_PAIRS:
         if not (hasattr(mod, a_attr) and hasattr(mod, b_attr)):
@@ -723,8 +724,10 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     ``torch.compile(model)`` returns an ``OptimizedModule`` holding the user's module as
     ``_orig_mod``; layers are discovered on that, so names carry no ``_orig_mod.`` prefix.
     """
-    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        model = model._orig_mod
+    while type(model).__name__ == "OptimizedModule" and isinstance(
+        inner := getattr(model, "_orig_mod", None), nn.Module
+    ):
+        model = inner
     return model
 
 
@@ -745,6 +748,7 @@ def iter_layers(
     """
     if conv_mode not in CONV_MODES:
         raise ValueError(f"conv_mode must be one of {CONV_MODES}, got {conv_mode!r}")
+    classes: tuple[type, ...]
     if types is None:
         kinds, classes = None, ()
     else:
@@ -850,5 +854,8 @@ def find_layers(
         conv_mode=conv_mode,
         conv2d_norm=conv2d_norm,
     ):
-        (mats if isinstance(x, LayerMatrix) else skipped).append(x)
+        if isinstance(x, LayerMatrix):
+            mats.append(x)
+        else:
+            skipped.append(x)
     return mats, skipped

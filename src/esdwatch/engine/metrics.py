@@ -177,8 +177,7 @@ def layer_metrics(
 
     if mp_fit:
         if mp is None:
-            kwargs = {} if tw_margin is None else {"tw_margin": tw_margin}
-            mp = fit_mp(ev, N, M, **kwargs)
+            mp = fit_mp(ev, N, M) if tw_margin is None else fit_mp(ev, N, M, tw_margin=tw_margin)
         out.update(
             mp_sigma2=mp.sigma2,
             lambda_plus=mp.lambda_plus,

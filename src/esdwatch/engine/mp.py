@@ -138,6 +138,7 @@ def _mp_cdf_unit(x: np.ndarray, a: float, b: float, Q: float, sigma2: float) -> 
     root = np.sqrt(np.maximum((b - x) * (x - a), 0.0))
     t1 = 0.5 * (a + b) * np.arctan2((2.0 * x - a - b) / ba, 2.0 * root / ba)
     sab = math.sqrt(a * b)
+    t2: np.ndarray | float
     if sab > 0.0:
         t2 = sab * np.arctan2((a + b) * x - 2.0 * a * b, 2.0 * sab * root)
     else:  # Q = 1: lower edge 0, the second term vanishes identically

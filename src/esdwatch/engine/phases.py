@@ -321,7 +321,7 @@ def classify(
     if N < M:
         N, M = M, N
     n = int(ev.size)
-    base = dict(num_evals=n, N=N, M=M)
+    base: dict[str, Any] = dict(num_evals=n, N=N, M=M)
 
     def unknown(reason: str, **extra: Any) -> PhaseResult:
         return PhaseResult(Phase.UNKNOWN, 0.0, reason, **base, **extra)
@@ -410,7 +410,7 @@ def classify(
         alpha, xmin, D, n_tail = float(pl.alpha), float(pl.xmin), float(pl.D), int(pl.n_tail)
     tail_llr, tail_p = tail_comparison(ev, xmin, alpha)
 
-    evidence = dict(
+    evidence: dict[str, Any] = dict(
         base,
         sigma2=float(mp.sigma2),
         lambda_plus=lam_plus,

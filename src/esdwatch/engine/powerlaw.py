@@ -347,6 +347,7 @@ def _argmin_ks(
             True,
             max_chunk_elements,
         )
+        assert upper is not None  # with_upper=True
         # The exact D of a few promising candidates is a much tighter threshold than the
         # smallest upper bound, for the price of a few O(n) rows.
         probes = np.unique(np.concatenate([np.argsort(lower)[:_PRUNE_PROBES], np.argsort(upper)[:_PRUNE_PROBES]]))

@@ -44,13 +44,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
 from esdwatch.engine.mp import DEFAULT_TW_MARGIN, fit_mp
-from esdwatch.engine.spectrum import batch_eigenvalues
+from esdwatch.engine.spectrum import Method, batch_eigenvalues
 
 if TYPE_CHECKING:
     from esdwatch.engine.layers import LayerMatrix
@@ -402,7 +402,7 @@ def correlation_traps(
     tw_margin: float = DEFAULT_TW_MARGIN,
     dtype: torch.dtype = torch.float64,
     device: str | torch.device | None = None,
-    method: str = "auto",
+    method: Method = "auto",
     scale: float = 1.0,
     keep_evals: bool = False,
 ) -> TrapResult:
@@ -465,7 +465,7 @@ def trap_fields(mat: LayerMatrix, report: Any, config: Any) -> dict[str, Any]:
     seed = int(getattr(config, "seed", 0))
     dtype = getattr(config, "dtype", torch.float64)
     device = getattr(config, "device", None)
-    method = getattr(config, "method", "auto")
+    method = cast(Method, getattr(config, "method", "auto"))
     tw_margin = getattr(config, "tw_margin", None)
     tw_margin = DEFAULT_TW_MARGIN if tw_margin is None else float(tw_margin)
     R = randomize_matrix(W, seed)

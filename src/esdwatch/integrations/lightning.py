@@ -124,7 +124,7 @@ class ESDMonitorBase:
     @property
     def state_key(self) -> str:
         o = self.options
-        return self._generate_state_key(  # type: ignore[attr-defined]
+        return self._generate_state_key(  # type: ignore[attr-defined]  # Lightning's Callback, a base added at runtime
             every_n_steps=o.every_n_steps,
             every_n_epochs=o.every_n_epochs,
             layers=o.layers,
@@ -268,29 +268,30 @@ class ESDMonitorBase:
         self._monitor = mon
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if not self._active(trainer):
+        mon = self._monitor
+        if mon is None or not self._active(trainer):
             return
-        self._monitor.start(trainer.global_step, trainer.current_epoch)  # type: ignore[union-attr]
+        mon.start(trainer.global_step, trainer.current_epoch)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self._active(trainer):
-            return
         mon = self._monitor
+        if mon is None or not self._active(trainer):
+            return
         step = int(trainer.global_step)
-        stop = mon.step(step, int(trainer.current_epoch))  # type: ignore[union-attr]
-        if mon.distributed:  # type: ignore[union-attr]
+        stop = mon.step(step, int(trainer.current_epoch))
+        if mon.distributed:
             if stop:  # agreed by every rank at this step's exchange
                 trainer.should_stop = True
-        elif mon.stop_sync_due(step):  # type: ignore[union-attr]
+        elif mon.stop_sync_due(step):
             self._sync_stop(trainer)
         self._log_summary(pl_module, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self._active(trainer):
-            return
         mon = self._monitor
-        stop = mon.epoch_end(int(trainer.current_epoch), int(trainer.global_step))  # type: ignore[union-attr]
-        if mon.distributed:  # type: ignore[union-attr]
+        if mon is None or not self._active(trainer):
+            return
+        stop = mon.epoch_end(int(trainer.current_epoch), int(trainer.global_step))
+        if mon.distributed:
             if stop:  # epoch_end is an exchange: the stop decision was reduced there, on every rank
                 trainer.should_stop = True
         else:
@@ -298,9 +299,10 @@ class ESDMonitorBase:
         self._log_summary(pl_module, on_epoch=True)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self._active(trainer):
+        mon = self._monitor
+        if mon is None or not self._active(trainer):
             return
-        self._monitor.finish(int(trainer.global_step))  # type: ignore[union-attr]
+        mon.finish(int(trainer.global_step))
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self._monitor is not None:

@@ -74,13 +74,16 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from esdwatch.engine.layers import LayerMatrix, clean_module_name, find_layers, unwrap_compiled
 from esdwatch.schema import SkippedLayer
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +263,7 @@ def gather_to_owner(w: Any, owner: int, rank: int) -> torch.Tensor | None:
 # ------------------------------------------------------------------ FSDP1
 
 
-def _fsdp1_class() -> type | None:
+def _fsdp1_class() -> type[FullyShardedDataParallel] | None:
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover

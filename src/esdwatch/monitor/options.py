@@ -373,7 +373,7 @@ def takes_monitor_options(*extra: type, doc: str = "") -> Callable[[Callable[...
         positional = [p for p in own if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         keyword = [p for p in own if p.kind is p.KEYWORD_ONLY]
         params = positional + [p for cls in (MonitorOptions, *extra) for p in _parameters(cls)] + keyword
-        init.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        init.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # read by inspect.signature
         args = []  # one Args section: every option, in signature order
         for cls in (MonitorOptions, *extra):
             text = inspect.cleandoc(cls.__doc__ or "")

@@ -44,7 +44,7 @@ class AnalysisRuntime:
                 threads=self.execution.worker_threads,
             )
         if self.pool is None:
-            self.pool = BufferPool(self.execution.max_pending, "device" if self.on_gpu else ex.buffer_target)  # type: ignore[arg-type]
+            self.pool = BufferPool(self.execution.max_pending, "device" if self.on_gpu else ex.buffer_target)
         ex.start()
         return ex, self.pool
 

@@ -88,9 +88,9 @@ class SnapshotCosts:
         if not known or not steps:
             return cls()
         return cls(
-            max(c.cost_s for c in known),
+            max(c.cost_s for c in known if c.cost_s is not None),  # known: all not None
             max((c.wall_s or 0.0) for c in known),
-            min(steps),  # type: ignore[type-var]
+            min(steps),
             max(float(c.debt_s or 0.0) for c in known),
         )
 
@@ -211,7 +211,7 @@ class Schedule:
             if self.interval is None:
                 return first_auto_allowed and step >= AUTO_FIRST_STEP
             return step >= self.auto_base + self.interval
-        n = int(self.every_n_steps)  # type: ignore[arg-type]
+        n = int(self.every_n_steps)  # type: ignore[arg-type]  # neither epochs nor auto: an int
         return step > 0 and step // n > self.last_step // n
 
     def epoch_due(self, epoch: int) -> bool:

@@ -48,7 +48,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -56,6 +56,12 @@ from esdwatch.engine.analyzer import AnalysisConfig, analyze_layers
 from esdwatch.engine.layers import LayerMatrix
 from esdwatch.engine.threads import limit_openmp_threads
 from esdwatch.schema import STATUS_FAILED, LayerReport
+
+if TYPE_CHECKING:
+    from multiprocessing.context import SpawnContext, SpawnProcess
+    from multiprocessing.queues import Queue as MPQueue
+
+    from esdwatch.monitor.snapshot import Target
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +133,7 @@ def run_analysis(
     """
     fn = analyze_layers if analyze_fn is None else analyze_fn
     mats = list(mats)
+    reports: list[LayerReport]
     try:
         reports = list(fn(mats, config))
         if len(reports) != len(mats):
@@ -134,7 +141,7 @@ def run_analysis(
         return reports, None, {}
     except Exception:
         job_tb = traceback.format_exc()
-    reports: list[LayerReport] = []
+    reports = []
     tbs: dict[str, str] = {}
     for mat in mats:
         try:
@@ -218,7 +225,7 @@ class Executor:
 
     kind: str = ""
     #: where snapshot buffers must live for this executor (see esdwatch.monitor.snapshot)
-    buffer_target: str = "cpu"
+    buffer_target: Target = "cpu"
 
     def __init__(self, analyze_fn: AnalyzeFn | None = None, *, nice: int = 0, threads: int | None = 1):
         self.analyze_fn = analyze_fn
@@ -397,10 +404,10 @@ class ProcessExecutor(Executor):
     ):
         super().__init__(analyze_fn, nice=nice, threads=threads)
         self.start_timeout = start_timeout
-        self._ctx = None
-        self._proc = None
-        self._in = None
-        self._out = None
+        self._ctx: SpawnContext | None = None
+        self._proc: SpawnProcess | None = None
+        self._in: MPQueue[Any] | None = None
+        self._out: MPQueue[Any] | None = None
         self._pending: dict[int, Job] = {}  # seq -> job metadata (mats dropped), for lost jobs
         self.restarts = 0
 
@@ -436,9 +443,10 @@ class ProcessExecutor(Executor):
     def submit(self, job: Job) -> None:
         self.start()
         meta = dataclasses.replace(job, mats=[], snapshot=None)
-        meta.names = [m.name for m in job.mats]  # type: ignore[attr-defined]
+        meta.names = [m.name for m in job.mats]  # type: ignore[attr-defined]  # extra attribute on the metadata copy only
         self._pending[job.seq] = meta
         self.in_flight += 1
+        assert self._in is not None  # start() created it
         self._in.put(dataclasses.replace(job, snapshot=None))
 
     def _take(self, item: Any) -> list[Result]:
@@ -513,6 +521,7 @@ class ProcessExecutor(Executor):
             return
         try:
             if self._proc.is_alive():
+                assert self._in is not None  # created with self._proc
                 self._in.put(None)
                 self._proc.join(timeout)
             if self._proc.is_alive():
@@ -520,6 +529,8 @@ class ProcessExecutor(Executor):
                 self._proc.join(1.0)
         finally:
             for q in (self._in, self._out):
+                if q is None:  # not reached: created with self._proc
+                    continue
                 with contextlib.suppress(Exception):
                     q.close()
                     q.cancel_join_thread()

@@ -47,7 +47,7 @@ def _classes() -> dict[str, type]:
     return {"tensorboard": TensorBoardSink, "wandb": WandbSink, "metrics": MetricsLoggerSink}
 
 
-def _keywords(cls: type) -> set[str]:
+def _keywords(cls: type[Any]) -> set[str]:
     params = inspect.signature(cls.__init__).parameters.values()
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 

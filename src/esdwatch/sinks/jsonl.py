@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from esdwatch.rundir import (
     ALARMS_FILE,
@@ -77,9 +77,9 @@ class JsonlSink:
         self.segment = segment
         self.resumed_from_step = resumed_from_step
         self.fsync = fsync
-        self._records = None
-        self._alarms = None
-        self._distributed = None
+        self._records: IO[bytes] | None = None
+        self._alarms: IO[bytes] | None = None
+        self._distributed: IO[bytes] | None = None
 
     @property
     def records_path(self) -> Path:
@@ -119,6 +119,7 @@ class JsonlSink:
         if not records:
             return
         self.open()
+        assert self._records is not None  # open() opened it
         self._records.write(dump_lines(r.to_dict() for r in records))
         self._flush(self._records)
 
@@ -132,6 +133,7 @@ class JsonlSink:
 
     def alarm(self, alarm: Alarm) -> None:
         self.open()
+        assert self._alarms is not None  # open() opened it
         self._alarms.write(dump_lines([alarm_line(alarm, self.segment)]))
         self._flush(self._alarms)
 
