@@ -12,9 +12,11 @@ executors themselves never block on ``submit``.
     running Python while it works. The thread caps its own OpenMP thread count
     (``omp_set_num_threads`` through ctypes, which is thread-local in libgomp;
     ``torch.set_num_threads`` would change the training thread's count too): a multi-threaded
-    eigensolver spin-waits on an oversubscribed CPU (measured 76x slower with 2 threads
-    than with 1 here). It can lower its scheduling priority (``nice``: ``os.nice``, per
-    thread on Linux), off by default: see :mod:`esdwatch.monitor.monitor` ("Default worker").
+    eigensolver spin-waits on an oversubscribed CPU (measurements:
+    ``experiments/results/engine_design_notes.md``). It can lower its scheduling priority
+    (``nice``: ``os.nice``, per thread on Linux), off by default: why, in
+    :class:`~esdwatch.monitor.options.ExecutionOptions` and
+    ``experiments/results/bench_overhead.md``.
     Snapshots are handed over as plain (or pinned) CPU buffers: no copy, no pickling.
 
 ``"process"`` (:class:`ProcessExecutor`)
@@ -23,7 +25,7 @@ executors themselves never block on ``submit``.
     (``share_memory_`` buffers: only a file-descriptor handle is pickled); reports come
     back pickled (a few kB). The process lowers its priority and sets its torch thread
     count. Immune to the GIL whatever the analysis does, at the price of a start-up
-    (~2-5 s to import torch, overlapped with the first training steps) and of a
+    (importing torch again, overlapped with the first training steps) and of a
     synchronous copy for CUDA weights (pinned memory cannot be shared between processes).
     The child does not re-import the user's ``__main__`` unless ``analyze_fn`` lives there,
     so an unguarded training script is not executed twice.
