@@ -170,7 +170,7 @@ class ExecutionOptions:
     Args:
         worker: "thread" (default: no start-up cost, no copy; the analysis kernels release
             the GIL) or "process" (for Python-heavy analyze_fn). Why the defaults:
-            experiments/results/bench_overhead.md.
+            experiments/results/worker_defaults.md.
         max_pending: snapshots in flight (copied, not yet handed back) at most.
         on_backpressure: when the worker is still busy at a scheduled step: "skip" (count
             the snapshot in stats["skipped"] and skip it) or "block" (wait for a free slot).

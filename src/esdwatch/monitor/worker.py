@@ -16,7 +16,7 @@ executors themselves never block on ``submit``.
     ``experiments/results/engine_design_notes.md``). It can lower its scheduling priority
     (``nice``: ``os.nice``, per thread on Linux), off by default: why, in
     :class:`~esdwatch.monitor.options.ExecutionOptions` and
-    ``experiments/results/bench_overhead.md``.
+    ``experiments/results/worker_defaults.md``.
     Snapshots are handed over as plain (or pinned) CPU buffers: no copy, no pickling.
 
 ``"process"`` (:class:`ProcessExecutor`)
