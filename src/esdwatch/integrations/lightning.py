@@ -71,6 +71,9 @@ from esdwatch.sinks.factory import check_sink_options, shell_sinks
 
 log = logging.getLogger("esdwatch.integrations.lightning")
 
+#: seconds a Ctrl-C waits for the analyses in flight (their records are kept if they finish)
+INTERRUPT_WAIT_S = 5.0
+
 __all__ = ["ESDMonitorBase", "ESDMonitor", "LightningESDMonitor", "PLESDMonitor", "callback_class"]
 
 #: subclass name -> the package whose Callback it derives from
@@ -306,7 +309,10 @@ class ESDMonitorBase:
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self._monitor is not None:
-            self._monitor.abort()
+            # Ctrl-C: the user wants out; keep what finishes within a few seconds, not drain_timeout
+            interrupted = isinstance(exception, KeyboardInterrupt)
+            wait = min(INTERRUPT_WAIT_S, self._monitor.drain_timeout or INTERRUPT_WAIT_S) if interrupted else None
+            self._monitor.abort(timeout=wait)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if str(stage) not in ("fit", "TrainerFn.FITTING") or self._monitor is None:

@@ -172,12 +172,17 @@ class Coordinator(abc.ABC):
         self.p.stats["skipped"] += 1
         self.skipped_steps.append(step)
         del self.skipped_steps[:-SKIPPED_KEEP]
+        if self.p.runtime.stuck:
+            self.p.faults.warn_once(
+                "stuck",
+                f"esdwatch: skipped the snapshot at step {step}: {self.p.runtime.describe_in_flight()}; every "
+                f"snapshot is skipped (and counted in stats['skipped']) until it returns.",
+            )
+            return
         ex = self.p.options.execution
         nice = (
-            (
-                f", or worker_nice=0 (worker_nice={ex.worker_nice} yields the CPU to training and other "
-                f"processes, so a saturated CPU starves the worker)"
-            )
+            f", or worker_nice=0 (worker_nice={ex.worker_nice} yields the CPU to training and other "
+            f"processes, so a saturated CPU starves the worker)"
             if ex.worker_nice
             else ""
         )
@@ -265,15 +270,14 @@ class LocalCoordinator(Coordinator):
         if self.p.schedule.last_snapshot_step == step:
             return False  # never two snapshots of one step
         model, root = self.p.model_and_root()
-        executor, pool = self.p.runtime.ensure()
+        runtime = self.p.runtime
+        _, pool = runtime.ensure()
         if pool.free_slots() == 0 and self._block(block):
-            while pool.free_slots() == 0 and executor.in_flight > 0:
-                for res in self.p.runtime.wait(1.0):
-                    self.collect(res)
+            runtime.wait_for_slot(self.p.options.execution.drain_timeout, self.collect)
         if pool.free_slots() == 0:
             self._count_skip(step)
             return False
-        taken = self.p.snapshotter.take(model, root, step, epoch, self.seq, pool, executor)
+        taken = self.p.snapshotter.take(model, root, step, epoch, self.seq, pool, runtime.submit)
         if taken.outcome is Outcome.EMPTY:
             self._empty(step)
         if taken.outcome is not Outcome.SUBMITTED:

@@ -126,13 +126,12 @@ class DistributedCoordinator(Coordinator):
         reduces the stop decision when ``stop``.
         """
         comm = self.comm()
-        executor, pool = self.p.runtime.ensure()
-        for res in self.p.runtime.poll():
+        runtime = self.p.runtime
+        _, pool = runtime.ensure()
+        for res in runtime.poll():
             self.collect(res)
-        if take and self._block(block):
-            while pool.free_slots() == 0 and executor.in_flight > 0:
-                for res in self.p.runtime.wait(1.0):
-                    self.collect(res)
+        if take and self._block(block) and pool.free_slots() == 0:
+            runtime.wait_for_slot(self.p.options.execution.drain_timeout, self.collect)
         err = self.p.faults.take_pending()
         payload = {
             "rank": self.rank,
@@ -169,10 +168,10 @@ class DistributedCoordinator(Coordinator):
         if self.p.schedule.last_snapshot_step == step:
             return
         model, root = self.p.model_and_root()
-        executor, pool = self.p.runtime.ensure()
+        _, pool = self.p.runtime.ensure()
         seq = self.seq
         wall_time = time.time()
-        taken = self.p.snapshotter.take(model, root, step, epoch, seq, pool, executor)
+        taken = self.p.snapshotter.take(model, root, step, epoch, seq, pool, self.p.runtime.submit)
         if taken.outcome is Outcome.EMPTY:
             self._empty(step)
         if taken.outcome in (Outcome.EMPTY, Outcome.FAILED) or taken.plan is None:

@@ -343,13 +343,17 @@ class Monitor:
         if runtime.executor is None:
             return True
         timeout = self.drain_timeout if timeout is None else timeout
+        if runtime.stuck and timeout is not None:  # it outlived one bounded wait already: no second one
+            timeout = min(timeout, 1.0)
         for res in runtime.drain(timeout):
             self.coordinator.collect(res)
         if runtime.in_flight:
             log.warning(
-                "esdwatch: %d snapshot(s) still being analysed after %.1f s (drain_timeout); their records are lost",
+                "esdwatch: %d snapshot(s) still being analysed after waiting %.1f s (drain_timeout): %s; their "
+                "records are lost, everything analysed before is written",
                 runtime.in_flight,
                 timeout or 0.0,
+                runtime.describe_in_flight(),
             )
         return runtime.in_flight == 0
 
@@ -397,8 +401,16 @@ class Monitor:
         """After an exception: keep what is analysed (waiting up to ``timeout``), no final snapshot."""
         if self._closed:
             return
+        timeout = self.drain_timeout if timeout is None else timeout
+        if self.parts.runtime.in_flight:
+            log.warning(
+                "esdwatch: training stopped; waiting up to %s s for %d snapshot(s) still being analysed, to keep "
+                "their records",
+                timeout,
+                self.parts.runtime.in_flight,
+            )
         try:
-            for res in self.parts.runtime.drain(self.drain_timeout if timeout is None else timeout):
+            for res in self.parts.runtime.drain(timeout):
                 try:
                     self.coordinator.collect(res)
                 except Exception:  # never mask the original exception

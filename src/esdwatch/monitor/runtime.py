@@ -10,12 +10,15 @@ can read (shared memory for a process, the GPU for ``device="cuda"``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from esdwatch.monitor.options import ExecutionOptions
 from esdwatch.monitor.snapshot import BufferPool
-from esdwatch.monitor.worker import AnalyzeFn, Executor, Result, make_executor
+from esdwatch.monitor.worker import AnalyzeFn, Executor, Job, Result, make_executor
+
+log = logging.getLogger("esdwatch.monitor")
 
 __all__ = ["AnalysisRuntime"]
 
@@ -32,6 +35,10 @@ class AnalysisRuntime:
         self.on_gpu = on_gpu
         self.executor: Executor | None = None
         self.pool: BufferPool | None = None
+        #: seq -> (step, layer names, submission time) of every snapshot in flight
+        self._in_flight: dict[int, tuple[int, list[str], float]] = {}
+        #: the seq of an analysis that outlived a bounded wait: later waits for it return at once
+        self._stuck: int | None = None
 
     def ensure(self) -> tuple[Executor, BufferPool]:
         """The running executor and its pool (started on first use)."""
@@ -65,10 +72,67 @@ class AnalysisRuntime:
     def free_slots(self) -> int:
         return 0 if self.pool is None else self.pool.free_slots()
 
+    def submit(self, job: Job) -> None:
+        """Hand a snapshot to the worker (what is in flight is remembered, to name it if it hangs)."""
+        assert self.executor is not None
+        self._in_flight[job.seq] = (job.step, [m.name for m in job.mats], time.monotonic())
+        self.executor.submit(job)
+
     def release(self, res: Result) -> None:
         """A result is back: its buffers may be reused at once."""
+        self._in_flight.pop(res.seq, None)
+        if res.seq == self._stuck:
+            log.warning(
+                "esdwatch: the analysis of the snapshot at step %d returned after all; monitoring goes on", res.step
+            )
+            self._stuck = None
         if self.pool is not None and res.slot >= 0:
             self.pool.release(res.slot)
+
+    def describe_in_flight(self) -> str:
+        """The oldest snapshot still being analysed: its step, its layers, for how long."""
+        if not self._in_flight:
+            return "no snapshot is being analysed"
+        seq = min(self._in_flight)
+        step, names, t0 = self._in_flight[seq]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return f"the analysis of the snapshot at step {step} (layers {shown}) has run for {time.monotonic() - t0:.1f} s"
+
+    def wait_for_slot(self, timeout: float | None, collect: Callable[[Result], None]) -> bool:
+        """Wait (up to ``timeout`` s) for a free buffer slot, handing results to ``collect``; True if one is free.
+
+        When the wait runs out, the oldest analysis in flight is marked stuck and named in a
+        warning; later waits give up at once while it is still running, so a hung analysis
+        costs the training one bounded wait, not one per snapshot.
+        """
+        executor, pool = self.ensure()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pool.free_slots() == 0 and executor.in_flight > 0:
+            oldest = min(self._in_flight) if self._in_flight else None
+            left = None if deadline is None else deadline - time.monotonic()
+            if oldest is not None and oldest == self._stuck or (left is not None and left <= 0):
+                self._mark_stuck(timeout)
+                return False
+            for res in self.wait(1.0 if left is None else min(1.0, left)):
+                collect(res)
+        return pool.free_slots() > 0
+
+    def _mark_stuck(self, timeout: float | None) -> None:
+        oldest = min(self._in_flight) if self._in_flight else None
+        if oldest is None or oldest == self._stuck:
+            return
+        self._stuck = oldest
+        log.warning(
+            "esdwatch: %s and did not finish within %s s (drain_timeout); training goes on without waiting "
+            "for it, the records so far are kept",
+            self.describe_in_flight(),
+            timeout,
+        )
+
+    @property
+    def stuck(self) -> bool:
+        """An analysis outlived a bounded wait and is still running."""
+        return self._stuck is not None and self._stuck in self._in_flight
 
     def poll(self) -> list[Result]:
         return [] if self.executor is None else self.executor.poll()
@@ -93,8 +157,10 @@ class AnalysisRuntime:
 
     def close(self) -> None:
         if self.executor is not None:
-            self.executor.close(timeout=5.0)
+            # a thread stuck in an analysis cannot be joined: do not wait for it (it is a daemon)
+            self.executor.close(timeout=0.5 if self.stuck else 5.0)
             self.executor = None
+        self._in_flight.clear()
         if self.pool is not None:
             self.pool.clear()
             self.pool = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from esdwatch.engine.analyzer import AnalysisConfig
 from esdwatch.monitor.distributed import ShardPlan, plan_snapshot
 from esdwatch.monitor.faults import Faults
 from esdwatch.monitor.snapshot import BufferPool, take_snapshot
-from esdwatch.monitor.worker import Executor, Job
+from esdwatch.monitor.worker import Job
 
 log = logging.getLogger("esdwatch.monitor")
 
@@ -75,7 +76,7 @@ class Snapshotter:
         epoch: int,
         seq: int,
         pool: BufferPool,
-        executor: Executor,
+        submit: Callable[[Job], None],
     ) -> Taken:
         """Discover, share out, copy and submit (on every rank at the same point when distributed).
 
@@ -106,7 +107,7 @@ class Snapshotter:
         if snap is None:  # the caller checked that a slot is free: cannot happen
             return Taken(Outcome.COPY_FAILED, plan, time.perf_counter() - t0, error="no free snapshot slot")
         job = Job(seq, step, epoch, time.time(), snap.mats, self.config, slot=snap.slot, snapshot=snap)
-        executor.submit(job)
+        submit(job)
         return Taken(Outcome.SUBMITTED, plan, time.perf_counter() - t0, snap.nbytes)
 
     def _note_mode(self, plan: ShardPlan) -> None:
