@@ -8,7 +8,6 @@ in a subprocess with a timeout; each rank writes what it saw to ``rank<r>.json``
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -23,8 +22,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
 
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,  # noqa: E402
+)
 
 from esdwatch.engine.analyzer import analyze_layers  # noqa: E402
 from esdwatch.engine.layers import find_layers  # noqa: E402
@@ -211,6 +215,13 @@ def test_gradient_accumulation_snapshots_optimizer_steps_only(tmp_path):
     assert_records_equal_analysis(records, keep.weights)  # the weights right after each optimizer step
 
 
+def test_every_n_epochs_snapshots_at_epoch_ends(tmp_path):
+    cb = ESDCallback(every_n_epochs=1, **OPTS)
+    train(tmp_path, [cb], max_steps=20)  # 8 steps per epoch: epochs end at 8, 16 and (cut short) 20
+    records = read_records(cb.monitor.output_dir)
+    assert [(r.global_step, r.epoch) for r in records[:: len(LAYERS)]] == [(8, 0), (16, 1), (20, 2)]
+
+
 # ------------------------------------------------------------------- W&B
 
 
@@ -278,7 +289,8 @@ def test_a_nan_layer_stops_training_through_should_training_stop(tmp_path):
     assert (cb.monitor.stop_reasons[0].kind, cb.monitor.stop_reasons[0].layer) == ("non_finite", layer)
 
 
-def test_resume_from_a_trainer_checkpoint_keeps_one_record_per_step_and_layer(tmp_path):
+@pytest.mark.parametrize("restore", [False, True], ids=["esdwatch-reads-the-state", "trainer-rebuilds-callback"])
+def test_resume_from_a_trainer_checkpoint_keeps_one_record_per_step_and_layer(tmp_path, restore):
     first = ESDCallback(every_n_steps=4, at_start=True, **OPTS)
     train(tmp_path, [first], max_steps=16, save_strategy="steps", save_steps=10)
     ckpt = tmp_path / "checkpoint-10"
@@ -288,9 +300,20 @@ def test_resume_from_a_trainer_checkpoint_keeps_one_record_per_step_and_layer(tm
     assert saved["args"] == {"every_n_steps": 4, "at_start": True, **OPTS}
 
     second = ESDCallback(every_n_steps=4, at_start=True, **OPTS)
-    train(tmp_path, [second], max_steps=18, save_strategy="steps", save_steps=10, resume=str(ckpt))
-    assert second.monitor.segment == 1
-    got = [(r.global_step, r.name, r.segment) for r in read_records(second.monitor.output_dir)]
+    trainer = train(
+        tmp_path,
+        [second],
+        max_steps=18,
+        save_strategy="steps",
+        save_steps=10,
+        resume=str(ckpt),
+        restore_callback_states_from_checkpoint=restore,
+    )
+    # restore_callback_states_from_checkpoint=True: the Trainer replaced `second` by ESDCallback(**saved args)
+    (cb,) = (c for c in trainer.callback_handler.callbacks if isinstance(c, ESDCallback))
+    assert (cb is second) is not restore and cb.options == second.options
+    assert cb.monitor.segment == 1
+    got = [(r.global_step, r.name, r.segment) for r in read_records(cb.monitor.output_dir)]
     expected = [(s, n, 0) for s in (0, 4, 8) for n in LAYERS] + [(s, n, 1) for s in (12, 16, 18) for n in LAYERS]
     assert got == expected  # no second baseline, no gap at 12, what the first run wrote after 10 superseded
 
@@ -330,8 +353,9 @@ def test_peft_lora_adapters_are_watched_with_r_eigenvalues_each(tmp_path):
 def test_importing_esdwatch_imports_no_transformers_and_bad_options_fail_at_construction():
     import inspect
 
-    import esdwatch
     from transformers.trainer_callback import ExportableState
+
+    import esdwatch
 
     code = (
         "import sys, esdwatch, esdwatch.integrations.huggingface\n"

@@ -5,41 +5,37 @@
     from esdwatch import ESDCallback          # or esdwatch.integrations.huggingface
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[ESDCallback(every_n_steps=200)])
 
-``ESDCallback`` subclasses ``transformers.TrainerCallback`` (and ``ExportableState``); it is
-created on first access, so importing this module imports no transformers. The hooks:
-``on_train_begin`` builds the monitor and starts it at ``state.global_step``;
-``on_step_end`` (optimizer steps only: gradient accumulation's micro-batches end in
-``on_substep_end``) calls ``Monitor.step(state.global_step)``; ``on_epoch_end`` calls
-``epoch_end``; ``on_train_end`` takes the ``at_end`` snapshot, drains and closes. An alarm
-with action ``"stop"`` sets ``control.should_training_stop``. The Trainer has no exception
-hook: after a crash the monitor is closed by the next ``train()`` or at interpreter exit.
+``ESDCallback`` (a ``TrainerCallback`` and ``ExportableState``) is created on first access:
+importing this module imports no transformers. ``on_train_begin`` builds and starts the
+monitor at ``state.global_step``; ``on_step_end`` (optimizer steps only: accumulated
+micro-batches end in ``on_substep_end``) calls ``Monitor.step``; ``on_epoch_end`` calls
+``epoch_end``; ``on_train_end`` takes the ``at_end`` snapshot and closes. A ``"stop"``
+alarm sets ``control.should_training_stop``. The Trainer has no exception hook: after a
+crash the monitor is closed by the next ``train()`` or at interpreter exit.
 
-Records go to ``<run dir>/esdwatch/records.jsonl``, the run dir being the Trainer's
-TensorBoard run directory when it reports to TensorBoard (else
-``<output_dir>/runs/<date>_<host>``, the same naming). Dashboards (rank 0): with
-``report_to`` TensorBoard, esdwatch writes its scalars, histograms, figures and alarms
-with a SummaryWriter of its own into that same run directory, so they sit beside
-``train/loss``; with W&B, into the active run, on the Trainer's ``train/global_step``. The
-model averages ``esdwatch/summary/<metric>`` of each snapshot are also appended to
-``state.log_history`` (at the snapshot's step). A hook gets no handle on the Trainer's other
-callbacks, so they are read from the ``CallbackHandler`` that calls the hook (falling
-back to ``TENSORBOARD_LOGGING_DIR``, or to ``args.logging_dir`` of older releases).
+Records go to ``<run dir>/esdwatch/``, the run dir being the Trainer's TensorBoard run
+directory (``<output_dir>/runs/<date>_<host>``, the same naming without TensorBoard). On
+rank 0, with ``report_to`` TensorBoard, esdwatch writes with a SummaryWriter of its own
+into that directory (beside ``train/loss``); with W&B, into the active run, on
+``train/global_step``. Each snapshot's ``esdwatch/summary/<metric>`` averages are also
+appended to ``state.log_history``. Hooks get no handle on the other callbacks, so the
+TensorBoard callback is found in the ``CallbackHandler`` calling the hook (else
+``TENSORBOARD_LOGGING_DIR``, or ``args.logging_dir`` of older releases).
 
-Resume: the monitor's state goes into every checkpoint's ``trainer_state.json`` (the
-stateful-callback mechanism) and is read back from there by ``on_train_begin`` whenever
-``train(resume_from_checkpoint=...)`` continues a run, with or without
-``restore_callback_states_from_checkpoint``. Under DDP (``args.world_size > 1``) the ranks
-share the layers and meet at the monitor's exchanges, where the stop decision is agreed
-too; as the Trainer asks rank 0 alone for the state of a checkpoint, every rank drains
-and exchanges at the end of the step whose ``control.should_save`` is set.
+Resume: the monitor's state is saved in each checkpoint's ``trainer_state.json`` (the
+stateful-callback mechanism) and read back from it by ``on_train_begin`` when
+``train(resume_from_checkpoint=...)`` continues a run, whether or not
+``restore_callback_states_from_checkpoint`` is set. Under DDP the ranks share the layers
+and agree on a stop at the monitor's exchanges; the Trainer asks rank 0 alone for the state
+of a checkpoint, so every rank drains and exchanges at the end of a step whose
+``control.should_save`` is set. FSDP and DeepSpeed are untested.
 
-PEFT: on a peft model the default is to watch the adapters only (kind ``"lora"``: each
-update s * B @ A, its r non-zero eigenvalues; ``min_evals=1`` so that a rank below the
-usual floor of 50 is analysed): the base weights are frozen, so their spectra never move
-and re-analysing them at every snapshot would cost the most and show nothing.
-``peft_base_at_start=True`` analyses them once, at the start of a fresh run, under
-``esdwatch/base/``. Giving ``layers``, ``types``, ``min_evals`` or ``selection`` keeps the
-user's choice.
+PEFT: on a peft model the default is the adapters only (kind ``"lora"``, each update
+s * B @ A with its r non-zero eigenvalues; ``min_evals=1`` so that any r is analysed): the
+base weights are frozen, so re-analysing them at every snapshot would cost the most and
+show nothing new. ``peft_base_at_start=True`` analyses them once, at the start of a fresh
+run, under ``esdwatch/base/``. Giving ``layers``, ``types``, ``min_evals`` or
+``selection`` keeps the user's choice.
 """
 
 from __future__ import annotations
@@ -136,7 +132,7 @@ class ESDCallbackBase:
             self._after(self._monitor.epoch_end(_epoch(state), int(state.global_step)), state, control)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._monitor is not None and str(getattr(args, "save_strategy", "")).endswith("best"):
+        if self._monitor is not None and getattr(args.save_strategy, "value", args.save_strategy) == "best":
             self._prepare_checkpoint()  # "best": whether to save is decided after this hook, on every rank
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -204,10 +200,11 @@ class ESDCallbackBase:
         """The frozen base layers of a peft model, once (step 0, this process only), under ``esdwatch/base/``."""
         name = f"{self.name}/base" if self.name else "base"
         sel = dataclasses.replace(self.options.selection, types=sorted(KINDS - {"lora"}))
-        sinks = shell_sinks(loggers, name=name, sink_options=self._sink_options())
+        # the main monitor's custom-scalars layout comes later (a writer takes one); the user's sinks stay open
+        sinks = shell_sinks(loggers, name=name, sink_options={**self._sink_options(), "custom_scalars": False})
         fields = {f.name: getattr(opts, f.name) for f in dataclasses.fields(MonitorOptions)}
         fields.update(name=name, selection=sel, sinks=sinks, log_dir=log_dir, at_start=True, at_end=False)
-        base = Monitor(model, **{**fields, "every_n_steps": None, "every_n_epochs": 2**31})
+        base = Monitor(model, **{**fields, "every_n_steps": None, "every_n_epochs": 2**31})  # never due after 0
         base.start(0)
         base.close(final=False)
 
@@ -217,7 +214,7 @@ class ESDCallbackBase:
     def _loggers(self, args: Any, callbacks: list[Any], log_dir: str) -> list[Any]:
         """Logger-like objects (``.experiment``) for the Trainer's TensorBoard run directory and W&B run."""
         out = []
-        if _reports(args, "tensorboard") and self._writer is None:
+        if _reports(args, "tensorboard"):
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
