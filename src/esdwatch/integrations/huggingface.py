@@ -119,8 +119,10 @@ class ESDCallbackBase:
             self._analyse_base_once(model, opts, log_dir, loggers)
         self._monitor = self._new_monitor(model, opts, log_dir, loggers, args)
         saved = _saved_state(state, type(self).__name__, self.name) if state.global_step > 0 else None
-        if saved:
-            self._monitor.load_state_dict(saved)
+        try:
+            self._monitor.load_state_dict(saved or {})
+        except Exception as exc:  # a damaged entry: go on as a run continued without a state, never crash
+            log.warning("esdwatch: could not restore the monitor's state (%s: %s)", type(exc).__name__, exc)
         self._monitor.start(int(state.global_step), _epoch(state))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
