@@ -379,7 +379,7 @@ def test_importing_esdwatch_imports_no_transformers_and_bad_options_fail_at_cons
 
 
 def test_two_unnamed_callbacks_on_one_trainer_are_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match="name="):
+    with pytest.raises(ValueError, match="two ESDCallbacks"):
         train(tmp_path, [ESDCallback(every_n_steps=5, **OPTS), ESDCallback(every_n_steps=7, **OPTS)], max_steps=2)
 
 

@@ -1,41 +1,33 @@
 """ESDCallback: the ``transformers.Trainer`` callback, a thin shell over :class:`~esdwatch.monitor.Monitor`.
 
-::
-
-    from esdwatch import ESDCallback          # or esdwatch.integrations.huggingface
-    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[ESDCallback(every_n_steps=200)])
-
-``ESDCallback`` (a ``TrainerCallback`` and ``ExportableState``) is created on first access:
-importing this module imports no transformers. ``on_train_begin`` builds and starts the
-monitor at ``state.global_step``; ``on_step_end`` (optimizer steps only: accumulated
-micro-batches end in ``on_substep_end``) calls ``Monitor.step``; ``on_epoch_end`` calls
-``epoch_end``; ``on_train_end`` takes the ``at_end`` snapshot and closes. A ``"stop"``
-alarm sets ``control.should_training_stop``. The Trainer has no exception hook: after a
-crash the monitor is closed by the next ``train()`` or at interpreter exit.
+``Trainer(..., callbacks=[ESDCallback(every_n_steps=200)])``. The class (a ``TrainerCallback``
+and ``ExportableState``) is created on first access: importing this module imports no
+transformers. Hooks: ``on_train_begin`` builds the monitor and starts it at
+``state.global_step``; ``on_step_end`` (optimizer steps only: accumulated micro-batches end
+in ``on_substep_end``) calls ``step``; ``on_epoch_end`` calls ``epoch_end``; ``on_train_end``
+takes the ``at_end`` snapshot and closes. A ``"stop"`` alarm sets
+``control.should_training_stop``. There is no exception hook: after a crash the monitor is
+closed by the next ``train()`` or at interpreter exit.
 
 Records go to ``<run dir>/esdwatch/``, the run dir being the Trainer's TensorBoard run
-directory (``<output_dir>/runs/<date>_<host>``, the same naming without TensorBoard). On
-rank 0, with ``report_to`` TensorBoard, esdwatch writes with a SummaryWriter of its own
-into that directory (beside ``train/loss``); with W&B, into the active run, on
-``train/global_step``. Each snapshot's ``esdwatch/summary/<metric>`` averages are also
-appended to ``state.log_history``. Hooks get no handle on the other callbacks, so the
-TensorBoard callback is found in the ``CallbackHandler`` calling the hook (else
-``TENSORBOARD_LOGGING_DIR``, or ``args.logging_dir`` of older releases).
+directory (``<output_dir>/runs/<date>_<host>``, named so also without TensorBoard). On rank
+0 esdwatch writes into that directory with a SummaryWriter of its own (``report_to``
+TensorBoard) and into the active W&B run on ``train/global_step`` (``report_to`` W&B); the
+averages ``esdwatch/summary/<metric>`` also go into ``state.log_history``. Hooks get no
+handle on the other callbacks: the TensorBoard one is found in the calling ``CallbackHandler``.
 
-Resume: the monitor's state is saved in each checkpoint's ``trainer_state.json`` (the
-stateful-callback mechanism) and read back from it by ``on_train_begin`` when
-``train(resume_from_checkpoint=...)`` continues a run, whether or not
-``restore_callback_states_from_checkpoint`` is set. Under DDP the ranks share the layers
-and agree on a stop at the monitor's exchanges; the Trainer asks rank 0 alone for the state
-of a checkpoint, so every rank drains and exchanges at the end of a step whose
-``control.should_save`` is set. FSDP and DeepSpeed are untested.
+The monitor's state is saved in each checkpoint's ``trainer_state.json`` (stateful
+callbacks) and read back by ``on_train_begin`` of a resumed run, with or without
+``restore_callback_states_from_checkpoint``. Under DDP the ranks share the layers and agree
+on a stop at the monitor's exchanges; the Trainer asks rank 0 alone for a checkpoint's
+state, so every rank drains and exchanges at the end of a step whose ``control.should_save``
+is set. FSDP and DeepSpeed are untested.
 
-PEFT: on a peft model the default is the adapters only (kind ``"lora"``, each update
-s * B @ A with its r non-zero eigenvalues; ``min_evals=1`` so that any r is analysed): the
-base weights are frozen, so re-analysing them at every snapshot would cost the most and
-show nothing new. ``peft_base_at_start=True`` analyses them once, at the start of a fresh
-run, under ``esdwatch/base/``. Giving ``layers``, ``types``, ``min_evals`` or
-``selection`` keeps the user's choice.
+PEFT: by default the adapters only (kind ``"lora"``: each s * B @ A, r non-zero eigenvalues;
+``min_evals=1`` so any r is analysed): the frozen base weights never change, so analysing them
+at every snapshot would cost the most and show nothing new. ``peft_base_at_start=True``
+analyses them once, at the start of a fresh run, under ``esdwatch/base/``. Giving
+``layers``, ``types``, ``min_evals`` or ``selection`` keeps the user's choice.
 """
 
 from __future__ import annotations
@@ -110,20 +102,9 @@ class ESDCallbackBase:
         self._close()
         callbacks = _trainer_callbacks(self)
         self._check_distinct(callbacks)
-        if state.global_step > 0 and self._unrestorable and getattr(args, "restore_callback_states_from_checkpoint", 0):
-            log.warning("esdwatch: the Trainer rebuilt ESDCallback without %s (not JSON)", self._unrestorable)
-        log_dir = str(self.log_dir or _tensorboard_dir(args, callbacks) or _default_run_dir(args))
-        loggers = self._loggers(args, callbacks, log_dir) if self.framework.logger_sinks and _rank(args) == 0 else []
-        opts = self._options_for(model)
-        if self.hf.peft_base_at_start and _is_peft(model) and state.global_step == 0 and _rank(args) == 0:
-            self._analyse_base_once(model, opts, log_dir, loggers)
-        self._monitor = self._new_monitor(model, opts, log_dir, loggers, args)
-        saved = _saved_state(state, type(self).__name__, self.name) if state.global_step > 0 else None
-        try:
-            self._monitor.load_state_dict(saved or {})
-        except Exception as exc:  # a damaged entry: go on as a run continued without a state, never crash
-            log.warning("esdwatch: could not restore the monitor's state (%s: %s)", type(exc).__name__, exc)
-        self._monitor.start(int(state.global_step), _epoch(state))
+        self._monitor = mon = self._new_monitor(args, state, model, callbacks)
+        self._restore(mon, args, state)
+        mon.start(int(state.global_step), _epoch(state))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._monitor is not None:
@@ -190,13 +171,29 @@ class ESDCallbackBase:
             return o
         return dataclasses.replace(o, selection=dataclasses.replace(o.selection, types=["lora"], min_evals=1))
 
-    def _new_monitor(self, model: Any, opts: MonitorOptions, log_dir: str, loggers: list[Any], args: Any) -> Monitor:
+    def _new_monitor(self, args: Any, state: Any, model: Any, callbacks: list[Any]) -> Monitor:
+        rank, world = _rank(args), int(getattr(args, "world_size", 1))
+        log_dir = str(self.log_dir or _tensorboard_dir(args, callbacks) or _default_run_dir(args))
+        loggers = self._loggers(args, callbacks, log_dir) if self.framework.logger_sinks and rank == 0 else []
+        opts = self._options_for(model)
+        if self.hf.peft_base_at_start and _is_peft(model) and state.global_step == 0 and rank == 0:
+            self._analyse_base_once(model, opts, log_dir, loggers)
         sinks = list(opts.sinks or []) + shell_sinks(loggers, name=self.name, sink_options=self._sink_options())
         fields = {f.name: getattr(opts, f.name) for f in dataclasses.fields(MonitorOptions)}
-        world = int(getattr(args, "world_size", 1))
         return Monitor(
-            model, **{**fields, "log_dir": log_dir, "sinks": sinks}, rank=_rank(args), world_size=world, context=self
+            model, **{**fields, "log_dir": log_dir, "sinks": sinks}, rank=rank, world_size=world, context=self
         )
+
+    def _restore(self, mon: Monitor, args: Any, state: Any) -> None:
+        """A resumed run: the monitor's state from the checkpoint's ``trainer_state.json``."""
+        if state.global_step == 0:
+            return
+        if self._unrestorable and getattr(args, "restore_callback_states_from_checkpoint", False):
+            log.warning("esdwatch: the Trainer rebuilt ESDCallback without %s (not JSON)", self._unrestorable)
+        try:
+            mon.load_state_dict(_saved_state(state, type(self).__name__, self.name) or {})
+        except Exception as exc:  # a damaged entry: go on as a run continued without a state, never crash
+            log.warning("esdwatch: could not restore the monitor's state (%s: %s)", type(exc).__name__, exc)
 
     def _analyse_base_once(self, model: Any, opts: MonitorOptions, log_dir: str, loggers: list[Any]) -> None:
         """The frozen base layers of a peft model, once (step 0, this process only), under ``esdwatch/base/``."""
@@ -232,12 +229,9 @@ class ESDCallbackBase:
 
     def _check_distinct(self, callbacks: list[Any]) -> None:
         where = (self.log_dir, self.name)
-        if any(
-            cb is not self and isinstance(cb, ESDCallbackBase) and (cb.log_dir, cb.name) == where for cb in callbacks
-        ):
-            raise ValueError(
-                f"esdwatch: two ESDCallbacks with log_dir={where[0]!r}, name={where[1]!r}: give each a name="
-            )
+        others = [(cb.log_dir, cb.name) for cb in callbacks if cb is not self and isinstance(cb, ESDCallbackBase)]
+        if where in others:
+            raise ValueError(f"esdwatch: two ESDCallbacks write to log_dir={where[0]!r}, name={where[1]!r}: name them")
 
     def _close(self) -> None:
         if self._monitor is not None:
