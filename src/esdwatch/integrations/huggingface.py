@@ -285,7 +285,7 @@ def _reports(args: Any, integration: str) -> bool:
 
 def _trainer_callbacks(me: Any) -> list[Any]:
     """The Trainer's callbacks: a hook gets no handle on them, so read the calling ``CallbackHandler``'s."""
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     for _ in range(4):
         if frame is None:
             break
