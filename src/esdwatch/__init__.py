@@ -1,8 +1,9 @@
 """esdwatch: live heavy-tailed self-regularization monitoring of weight spectra.
 
 The engine (:func:`analyze`, :func:`fit_power_law`, :func:`classify` ...) imports only
-torch, numpy and scipy. The monitor and its Lightning callback are loaded on first use,
-so ``import esdwatch`` never imports Lightning, TensorBoard or W&B.
+torch, numpy and scipy. The monitor, its Lightning callback and its Hugging Face Trainer
+callback are loaded on first use, so ``import esdwatch`` never imports Lightning,
+transformers, TensorBoard or W&B.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "AlarmPolicy": "esdwatch.alarms.policy",
     "evaluate_alarms": "esdwatch.alarms.rules",
     "ESDMonitor": "esdwatch.lightning",
+    "ESDCallback": "esdwatch.integrations.huggingface",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

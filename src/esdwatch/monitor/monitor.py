@@ -445,13 +445,15 @@ class Monitor:
 
     # ------------------------------------------------------------------------- state
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, drain: bool | None = None) -> dict[str, Any]:
         """Schedule position, "auto" measurements, alarm counters, phase history, segment and output directory.
 
-        With ``drain_on_checkpoint`` (default) the snapshots in flight are first analysed
-        and written, so the checkpoint never refers to records not on disk.
+        With ``drain`` (default: the ``drain_on_checkpoint`` option) the snapshots in flight
+        are first analysed and written, so the checkpoint never refers to records not on
+        disk; with several ranks that drain is collective (call it on every rank), and
+        ``drain=False`` never communicates.
         """
-        if self.options.execution.drain_on_checkpoint:
+        if self.options.execution.drain_on_checkpoint if drain is None else drain:
             self.coordinator.before_checkpoint(self.drain, running=self._started and not self._closed)
         p = self.parts
         return {

@@ -223,7 +223,8 @@ class MonitorOptions:
         alarm_rules: threshold rules (default esdwatch.alarms.DEFAULT_RULES).
         alarm_patience: consecutive snapshots before an alarm fires (an int, or per alarm kind).
         alarm_actions: per alarm kind: "log", "warn", "stop" or a callable (context, alarm) -> None
-            (context: the Trainer in a framework shell, the Monitor in a plain loop).
+            (context: the Trainer under Lightning, the ESDCallback under Hugging Face, the Monitor
+            in a plain loop).
         phase_transitions: emit informational phase_transition alarms.
         log_dir: records go to <log_dir>/esdwatch/ (a framework shell defaults it to its
             logger's directory); None in a plain loop: no files.
@@ -337,8 +338,8 @@ class FrameworkOptions:
         sink_options: keyword options for those sinks (figure_every, hist_bins, ...); an option
             no sink knows is an error at setup.
         log_summary: log the model-level averages as esdwatch/summary/<metric> through the
-            framework (Lightning: pl_module.log), so checkpoint and early-stopping callbacks
-            can monitor them.
+            framework (Lightning: pl_module.log, so checkpoint and early-stopping callbacks
+            can monitor them; Hugging Face: the Trainer's log history).
     """
 
     logger_sinks: bool = True
