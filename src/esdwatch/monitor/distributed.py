@@ -169,6 +169,17 @@ def default_comm(world_size: int) -> TorchComm:
     return comm
 
 
+def checked_comm(comm: Comm | None, rank: int, world_size: int) -> Comm:
+    """``comm`` (default: :func:`default_comm`), refused unless it places this process at ``rank`` of ``world_size``."""
+    comm = default_comm(world_size) if comm is None else comm
+    if (comm.rank, comm.world_size) != (rank, world_size):
+        raise RuntimeError(
+            f"esdwatch: Monitor(rank={rank}, world_size={world_size}) does not match its "
+            f"communicator (rank {comm.rank} of {comm.world_size})"
+        )
+    return comm
+
+
 # ------------------------------------------------------------------ layer sharing
 
 

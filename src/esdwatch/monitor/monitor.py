@@ -54,7 +54,7 @@ import torch
 
 from esdwatch.errors import EsdwatchError, EsdwatchWarning
 from esdwatch.monitor.coordinator import Coordinator, LocalCoordinator, MonitorParts
-from esdwatch.monitor.distributed import Comm, default_comm
+from esdwatch.monitor.distributed import Comm, checked_comm
 from esdwatch.monitor.exchange import DistributedCoordinator
 from esdwatch.monitor.options import MonitorOptions, takes_monitor_options
 from esdwatch.monitor.schedule import auto_interval
@@ -215,13 +215,7 @@ class Monitor:
         self.stop.request(alarm)
 
     def _get_comm(self) -> Comm:
-        if self.comm is None:
-            self.comm = default_comm(self.world_size)
-        if (self.comm.rank, self.comm.world_size) != (self.rank, self.world_size):
-            raise RuntimeError(
-                f"esdwatch: Monitor(rank={self.rank}, world_size={self.world_size}) does not match its "
-                f"communicator (rank {self.comm.rank} of {self.comm.world_size})"
-            )
+        self.comm = checked_comm(self.comm, self.rank, self.world_size)
         return self.comm
 
     def _model_and_root(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:

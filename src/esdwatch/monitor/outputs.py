@@ -47,6 +47,7 @@ class Outputs:
         #: the directory of the run this one resumes (from the checkpoint)
         self.previous_dir: str | None = None
         self._jsonl: JsonlSink | None = None
+        self._disk_refuses = False  # the last write to the run directory failed
 
     @property
     def records_path(self) -> Path | None:
@@ -57,10 +58,21 @@ class Outputs:
         return self._jsonl is not None and self._jsonl.is_open
 
     def open(self) -> None:
-        """Open the next run segment (the writer only; idempotent)."""
+        """Open the next run segment (the writer only; idempotent); a disk that refuses is reported, never raised."""
         out = self.directory
-        if not self.writer or out is None or self.is_open:
+        if not self.writer or out is None or self._jsonl is not None:
             return
+        self._to_disk(self._open_segment)
+        if self.keep_evals and not any(isinstance(s, SpectraSink) for s in self.sinks):
+            self.sinks.append(SpectraSink(out))
+
+    def _open_segment(self) -> None:
+        out = self.directory
+        assert out is not None
+        # the sink exists from here on: if the disk refuses below, the records wait in it
+        self._jsonl = JsonlSink(
+            out, segment=self.segment if self.resumed_from is not None else None, resumed_from_step=self.resumed_from
+        )
         if self.resumed_from is not None and self.previous_dir and Path(self.previous_dir) != out:
             prev = Path(self.previous_dir)
             if (prev / RECORDS_FILE).exists() and not (out / RECORDS_FILE).exists():
@@ -75,17 +87,36 @@ class Outputs:
         segment = next_segment(out)
         if self.resumed_from is not None:
             segment = max(segment, self.segment)
-        self.segment = segment
-        self._jsonl = JsonlSink(out, segment=segment, resumed_from_step=self.resumed_from).open()
-        if self.keep_evals and not any(isinstance(s, SpectraSink) for s in self.sinks):
-            self.sinks.append(SpectraSink(out))
+        self.segment = self._jsonl.segment = segment
+        self._jsonl.open()
+
+    def _to_disk(self, action: Callable[[], Any]) -> None:
+        """A write to the run directory. A disk that refuses it (full, unwritable) costs one warning per outage:
+        training goes on, the dashboards still get every snapshot, and the records wait in memory
+        (:class:`~esdwatch.sinks.jsonl.JsonlSink`) until the directory takes them again."""
+        try:
+            action()
+        except OSError as exc:
+            if not self._disk_refuses:
+                self._disk_refuses = True
+                log.warning(
+                    "esdwatch: cannot write to %s (%s: %s); training goes on, the dashboards still get every "
+                    "snapshot, and the records are kept in memory and written when the directory is writable again",
+                    self.directory,
+                    type(exc).__name__,
+                    exc,
+                )
+            self.faults.fail(f"esdwatch: cannot write to {self.directory}: {exc}")
+            return
+        if self._disk_refuses:
+            self._disk_refuses = False
+            log.warning("esdwatch: %s is writable again; the records held back are written", self.directory)
 
     def reopen_as_resumed(self) -> None:
         """A state was loaded after the outputs were opened: close them; :meth:`open` writes a resumed segment."""
-        if self.is_open:
+        if self._jsonl is not None:
             log.warning("esdwatch: load_state_dict after the run started; reopening the outputs as a resumed segment")
-            assert self._jsonl is not None
-            self._jsonl.close()
+            self._to_disk(self._jsonl.close)
             self._jsonl = None
 
     def call(self, sink: Any, what: str, action: Callable[[], Any]) -> None:
@@ -100,19 +131,31 @@ class Outputs:
 
     def write(self, records: list[LayerRecord], step: int) -> None:
         if records:
-            for sink in self._all():
+            if self._jsonl is not None:
+                self._to_disk(functools.partial(self._jsonl.write, records, step))
+            for sink in self.sinks:
                 self.call(sink, "write", functools.partial(sink.write, records, step))
 
     def alarm(self, alarm: Alarm) -> None:
-        for sink in self._all():
+        if self._jsonl is not None:
+            self._to_disk(functools.partial(self._jsonl.alarm, alarm))
+        for sink in self.sinks:
             self.call(sink, "alarm", functools.partial(sink.alarm, alarm))
 
     def distributed(self, info: dict[str, Any]) -> None:
         """Which rank analysed which layer of one snapshot (``distributed.jsonl``)."""
         if self._jsonl is not None:
-            self.call(self._jsonl, "distributed", functools.partial(self._jsonl.distributed, info))
+            self._to_disk(functools.partial(self._jsonl.distributed, info))
 
     def close(self) -> None:
+        if self._jsonl is not None and self._jsonl.pending_bytes:
+            self._to_disk(self._jsonl.close)  # a last try for what the disk refused so far
+            if self._jsonl.pending_bytes:
+                log.error(
+                    "esdwatch: %d bytes of records could not be written to %s (the disk still refuses them)",
+                    self._jsonl.pending_bytes,
+                    self.directory,
+                )
         for sink in self._all():
             try:
                 sink.close()

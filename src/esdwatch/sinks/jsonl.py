@@ -47,11 +47,20 @@ __all__ = [
 ]
 
 
+#: bytes kept in memory per file while the disk refuses them (full, unwritable, gone); past this
+#: the oldest whole lines are dropped, counted and logged
+BACKLOG_LIMIT = 64 * 2**20
+
+
 class JsonlSink:
     """Writes records and alarms as JSON lines (see :mod:`esdwatch.rundir`). A :class:`~esdwatch.sinks.base.Sink`.
 
     Records go out one snapshot at a time in a single ``write``, then a flush, so a
     crash leaves at most a torn last line (which readers skip and the next writer ends).
+    A write the disk refuses (full, unwritable, the directory missing) raises for the
+    caller to report, and its lines wait in memory (up to :data:`BACKLOG_LIMIT` bytes
+    per file): the next write reopens the file and writes them first, so a disk that
+    recovers loses nothing.
 
     Parameters
     ----------
@@ -77,9 +86,11 @@ class JsonlSink:
         self.segment = segment
         self.resumed_from_step = resumed_from_step
         self.fsync = fsync
-        self._records: IO[bytes] | None = None
-        self._alarms: IO[bytes] | None = None
-        self._distributed: IO[bytes] | None = None
+        self._opened = False
+        self._files: dict[str, IO[bytes]] = {}
+        self._backlog: dict[str, bytearray] = {}
+        #: lines dropped because the backlog was full (per file name)
+        self.dropped_lines: dict[str, int] = {}
 
     @property
     def records_path(self) -> Path:
@@ -95,53 +106,86 @@ class JsonlSink:
 
     @property
     def is_open(self) -> bool:
-        return self._records is not None
+        return self._opened
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes handed to this sink but not on disk yet (the disk refused them)."""
+        return sum(len(b) for b in self._backlog.values())
 
     def open(self) -> JsonlSink:
-        if self._records is not None:
+        """Create the directory and start this run's segment (idempotent; OSError if the disk refuses)."""
+        if self._opened:
             return self
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.segment is None:
             self.segment = next_segment(self.directory)
-        with open_append(self.segments_path) as fh:
-            fh.write(dump_lines([segment_line(self.segment, self.resumed_from_step)]))
-        self._records = open_append(self.records_path)
-        self._alarms = open_append(self.alarms_path)
+        self._opened = True  # the segment line waits in the backlog if it cannot be written now
+        self._append(SEGMENTS_FILE, dump_lines([segment_line(self.segment, self.resumed_from_step)]))
         return self
 
-    def _flush(self, fh) -> None:
+    def write(self, records: Sequence[LayerRecord], step: int) -> None:
+        """Append one snapshot's records in one write, then flush."""
+        if records:
+            self._append(RECORDS_FILE, dump_lines(r.to_dict() for r in records))
+
+    def distributed(self, info: Mapping[str, Any]) -> None:
+        """Append one snapshot's distributed bookkeeping (owners per layer) to ``distributed.jsonl``."""
+        self._append(DISTRIBUTED_FILE, dump_lines([dict(info)]))
+
+    def alarm(self, alarm: Alarm) -> None:
+        self._append(ALARMS_FILE, dump_lines([alarm_line(alarm, self.segment)]))
+
+    def _append(self, name: str, payload: bytes) -> None:
+        """Append whole lines to file ``name``, after those an earlier call could not write."""
+        pending = self._backlog.setdefault(name, bytearray())
+        pending += payload
+        try:
+            self.open()
+            fh = self._files.get(name)
+            if fh is None:
+                fh = self._files[name] = open_append(self.directory / name)  # ends a torn last line
+            fh.write(pending)
+            self._flush(fh)
+        except OSError:
+            self._drop_files()  # the next call reopens them
+            self._trim(name)
+            raise
+        pending.clear()
+
+    def _trim(self, name: str) -> None:
+        pending = self._backlog[name]
+        if len(pending) <= BACKLOG_LIMIT:
+            return
+        cut = pending.find(b"\n", len(pending) - BACKLOG_LIMIT) + 1 or len(pending)
+        self.dropped_lines[name] = self.dropped_lines.get(name, 0) + pending[:cut].count(b"\n")
+        del pending[:cut]
+
+    def _flush(self, fh: IO[bytes]) -> None:
         fh.flush()
         if self.fsync:
             os.fsync(fh.fileno())
 
-    def write(self, records: Sequence[LayerRecord], step: int) -> None:
-        """Append one snapshot's records in one write, then flush."""
-        if not records:
-            return
-        self.open()
-        assert self._records is not None  # open() opened it
-        self._records.write(dump_lines(r.to_dict() for r in records))
-        self._flush(self._records)
-
-    def distributed(self, info: Mapping[str, Any]) -> None:
-        """Append one snapshot's distributed bookkeeping (owners per layer) to ``distributed.jsonl``."""
-        self.open()
-        if self._distributed is None:
-            self._distributed = open_append(self.directory / DISTRIBUTED_FILE)
-        self._distributed.write(dump_lines([dict(info)]))
-        self._flush(self._distributed)
-
-    def alarm(self, alarm: Alarm) -> None:
-        self.open()
-        assert self._alarms is not None  # open() opened it
-        self._alarms.write(dump_lines([alarm_line(alarm, self.segment)]))
-        self._flush(self._alarms)
+    def _drop_files(self) -> None:
+        for fh in self._files.values():
+            try:
+                fh.close()
+            except OSError:  # its unflushed bytes are still in the backlog
+                pass
+        self._files.clear()
+        if not self.directory.is_dir():
+            self._opened = False  # the directory went away: open() creates it again
 
     def close(self) -> None:
-        for fh in (self._records, self._alarms, self._distributed):
-            if fh is not None:
+        """Write what is pending (if the disk takes it now) and close the files."""
+        try:
+            for name in [n for n, b in self._backlog.items() if b]:
+                self._append(name, b"")
+        finally:
+            for fh in self._files.values():
                 try:
                     self._flush(fh)
                 finally:
                     fh.close()
-        self._records = self._alarms = self._distributed = None
+            self._files.clear()
+            self._opened = False
