@@ -66,6 +66,7 @@ __all__ = [
     "dump_lines",
     "open_append",
     "read_jsonl",
+    "is_jsonl",
     "segment_line",
     "alarm_line",
     "spectrum_line",
@@ -177,7 +178,9 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """(line index, object) of each JSON-object line of ``path`` ([] when it is missing).
 
     An invalid last line is a write torn by a crash and skipped silently; any other
-    invalid line is skipped with a warning.
+    invalid line is skipped, with one warning for the whole file (the first such line
+    and how many more). A file that is not JSON lines at all (:func:`is_jsonl`) is the
+    caller's to refuse before reading it.
     """
     path = Path(path)
     if not path.exists():
@@ -185,6 +188,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     with open(path, "rb") as fh:
         raw = fh.read().split(b"\n")
     out: list[tuple[int, dict]] = []
+    bad: list[int] = []
     last = max((i for i, line in enumerate(raw) if line.strip()), default=-1)
     for i, line in enumerate(raw):
         if not line.strip():
@@ -197,10 +201,41 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
             if i == last:
                 log.debug("esdwatch: %s: truncated last line skipped", path)
             else:
-                log.warning("esdwatch: %s: line %d is not valid JSON, skipped", path, i + 1)
+                bad.append(i + 1)
             continue
         out.append((i, obj))
+    _warn_skipped(path, bad, "is not valid JSON")
     return out
+
+
+def _warn_skipped(path: Path, lines: Sequence[int], what: str) -> None:
+    """One warning for the lines of ``path`` a reader skipped: the first, and how many more."""
+    if not lines:
+        return
+    n = len(lines) - 1
+    more = f" (and {n} more such line{'s' if n > 1 else ''})" if n else ""
+    log.warning("esdwatch: %s: line %d %s, skipped%s", path, lines[0], what, more)
+
+
+def is_jsonl(path: str | os.PathLike, probe: int = 1 << 16) -> bool:
+    """Whether ``path`` reads as a JSON-lines file of this module: its first non-empty line
+    is a JSON object, or it is a single unterminated line starting with ``{`` (the first
+    write of a run, torn or longer than ``probe`` bytes). An empty file counts; a binary
+    file (a NUL byte) or any other text does not. Only the first ``probe`` bytes are read.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(probe)
+    if b"\0" in head:
+        return False
+    lines = head.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            return isinstance(json.loads(line), dict)
+        except ValueError:
+            return i == len(lines) - 1 and line.lstrip().startswith(b"{")
+    return True
 
 
 def segment_line(segment: int, resumed_from_step: int | None) -> dict[str, Any]:
@@ -285,13 +320,17 @@ def _latest(items: Iterable[tuple[int, int, float, K, T]], cuts: Sequence[tuple[
 
 
 def _parse(file: Path, what: str, parse: Callable[[dict], T]) -> list[tuple[int, dict, T]]:
-    """(line, object, parsed) of each line of ``file`` that ``parse`` accepts (others: warning)."""
+    """(line, object, parsed) of each line of ``file`` that ``parse`` accepts (others: one warning)."""
     out = []
+    bad: list[int] = []
+    first_error = ""
     for lineno, obj in read_jsonl(file):
         try:
             out.append((lineno, obj, parse(obj)))
         except (KeyError, TypeError, ValueError) as exc:
-            log.warning("esdwatch: %s: line %d is not %s (%s), skipped", file, lineno + 1, what, exc)
+            bad.append(lineno + 1)
+            first_error = first_error or f"{type(exc).__name__}: {exc}"
+    _warn_skipped(file, bad, f"is not {what} ({first_error})")
     return out
 
 

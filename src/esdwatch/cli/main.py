@@ -1,7 +1,8 @@
-"""The ``esdwatch`` command line: ``esdwatch analyze TARGET`` and friends.
+"""The ``esdwatch`` command line: ``esdwatch analyze TARGET``, ``esdwatch report LOG_DIR``,
+``esdwatch config [NAME]`` and ``esdwatch --version``.
 
-User errors (a missing file, a file that is not a model) print one line on stderr and
-exit with status 2, never a traceback.
+User errors (a missing file, a file that is not a model) print one sentence on stderr
+and exit with status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Any
 
+from esdwatch.cli.configs import CLI_SCRIPT, ConfigError, config_text, describe_configs
 from esdwatch.cli.loading import TargetError, load_target
 from esdwatch.reporting.html import ReportError, build_report
 
@@ -126,18 +129,31 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     )
     text = render_report(report, args.format)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+        try:
+            with open(args.output, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        except OSError as exc:
+            raise TargetError(f"Cannot write {args.output} ({exc.strerror or exc}).") from None
         print(f"wrote {len(report.layers)} layers to {args.output}", file=sys.stderr)
     else:
         print(text)
     return 0
 
 
+def version() -> str:
+    """The installed distribution's version ("unknown" when esdwatch runs from a source tree
+    that was never installed)."""
+    try:
+        return metadata.version("esdwatch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esdwatch", description="Heavy-tailed spectral analysis of neural network weights."
     )
+    parser.add_argument("--version", action="version", version=f"esdwatch {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("analyze", help="analyse the weight matrices of a model or checkpoint")
@@ -159,7 +175,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_analyze)
 
     _add_report_command(sub)
+    _add_config_command(sub)
     return parser
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.script:
+        print(CLI_SCRIPT, end="")
+    elif args.name:
+        try:
+            print(config_text(args.name), end="")
+        except ConfigError as exc:
+            print(f"esdwatch: error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        print(describe_configs())
+    return 0
+
+
+def _add_config_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``esdwatch config [NAME] [--script]`` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "config",
+        help="list or print the LightningCLI configs shipped with esdwatch",
+        description="Without NAME, lists the LightningCLI YAML configs shipped with esdwatch; with NAME, prints "
+        "that config (esdwatch config live_dashboard > live_dashboard.yaml). --script prints the LightningCLI "
+        "script they assume.",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="the config to print (see the list without NAME)")
+    p.add_argument("--script", action="store_true", help="print the LightningCLI(...) script the configs assume")
+    p.set_defaults(func=_cmd_config)
+    return p
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -208,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"esdwatch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("esdwatch: interrupted", file=sys.stderr)
+        print("esdwatch: interrupted.", file=sys.stderr)
         return 130
 
 

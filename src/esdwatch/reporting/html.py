@@ -35,7 +35,9 @@ from typing import Any
 from esdwatch.rundir import (
     ALARMS_FILE,
     RECORDS_FILE,
+    RUN_SUBDIR,
     find_file,
+    is_jsonl,
     read_alarms,
     read_records,
     read_spectra,
@@ -57,17 +59,31 @@ def find_records(path: str | os.PathLike) -> Path:
     ``esdwatch/`` sub-directory, or the only one anywhere below it."""
     p = Path(path)
     if not p.exists():
-        raise ReportError(f"{p}: no such file or directory")
+        raise ReportError(f"{p}: no such file or directory.")
     here = find_file(p, RECORDS_FILE)
     if here is not None and here.is_file():
-        return here
+        return _checked(here)
     found = sorted(p.rglob(RECORDS_FILE))
     if len(found) == 1:
-        return found[0]
+        return _checked(found[0])
     if not found:
-        raise ReportError(f"{p}: no records.jsonl in this directory or below it (is it an esdwatch log_dir?)")
+        raise ReportError(f"{p}: no records.jsonl in this directory or below it, so it is not an esdwatch log_dir.")
     listing = ", ".join(str(f.parent) for f in found[:5]) + (" ..." if len(found) > 5 else "")
-    raise ReportError(f"{p}: {len(found)} runs below this directory; pass one of: {listing}")
+    raise ReportError(f"{p}: {len(found)} runs below this directory; pass one of them: {listing}.")
+
+
+def _checked(records: Path) -> Path:
+    """``records`` if it is a JSON-lines file (:func:`~esdwatch.rundir.is_jsonl`), else a ReportError."""
+    try:
+        ok = is_jsonl(records)
+    except OSError as exc:
+        raise ReportError(f"{records} cannot be read ({exc.strerror or exc}).") from None
+    if not ok:
+        raise ReportError(
+            f"{records} is not an esdwatch records file (JSON lines, one record per line): pass a run's log "
+            f"directory, its {RUN_SUBDIR}/ directory or its {RECORDS_FILE}."
+        )
+    return records
 
 
 def _esc(value: Any) -> str:
@@ -177,7 +193,7 @@ def build_report(
     records_path = find_records(log_dir)
     records = read_records(records_path)
     if not records:
-        raise ReportError(f"{records_path}: no records yet (the first snapshot has not been analysed)")
+        raise ReportError(f"{records_path}: no records yet (the first snapshot has not been analysed).")
     alarms: list[Alarm] = read_alarms(records_path.parent) if (records_path.parent / ALARMS_FILE).exists() else []
     spectra = read_spectra(records_path.parent)
     out = Path(output) if output is not None else records_path.parent / "report"
