@@ -275,6 +275,25 @@ class ESDMonitorBase:
         if mon is None or not self._active(trainer):
             return
         mon.start(trainer.global_step, trainer.current_epoch)
+        if trainer.global_step == 0 and not mon.latest_summary and _summary_watchers(trainer, mon.summary_prefix):
+            self._baseline(mon, _summary_watchers(trainer, mon.summary_prefix))
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        # the latest averages, logged from the epoch's start: a checkpoint or early-stopping callback
+        # monitoring esdwatch/summary/* finds them at the epoch's end whatever the callbacks' order
+        if self._monitor is not None and self._active(trainer):
+            self._log_summary(pl_module, on_epoch=True)
+
+    def _baseline(self, mon: Monitor, watchers: list[str]) -> None:
+        """A callback monitors a summary key: analyse the initial weights now, so the key exists from epoch 0."""
+        log.info(
+            "esdwatch: %s monitor %s: analysing the initial weights (step 0) before training, so the value "
+            "exists from the first epoch",
+            ", ".join(sorted(set(watchers))),
+            mon.summary_prefix + "/...",
+        )
+        mon.snapshot(0, block=True)
+        mon.drain()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         mon = self._monitor
@@ -331,6 +350,15 @@ class ESDMonitorBase:
             self._monitor.load_state_dict(state_dict)
         else:
             self._pending_state = dict(state_dict)
+
+
+def _summary_watchers(trainer: Any, prefix: str) -> list[str]:
+    """The callbacks (by class name) whose ``monitor`` is one of this monitor's summary keys."""
+    return [
+        type(cb).__name__
+        for cb in getattr(trainer, "callbacks", None) or []
+        if isinstance(getattr(cb, "monitor", None), str) and cb.monitor.startswith(prefix + "/")
+    ]
 
 
 def _build(name: str) -> type:
