@@ -200,7 +200,7 @@ class _Release(L.Callback):
 
 def test_a_full_queue_skips_and_counts(tmp_path):
     gate = _Gate()
-    cb = ESDMonitor(every_n_steps=1, at_end=False, analyze_fn=gate, **OPTS)
+    cb = ESDMonitor(every_n_steps=1, at_end=False, analyze_fn=gate, max_pending=1, **OPTS)
     trainer = _trainer(tmp_path, [_Release(gate.release), cb], max_steps=8)
     with pytest.warns(EsdwatchWarning, match="skipped the snapshot at step 2"):
         trainer.fit(H.net())

@@ -119,7 +119,7 @@ class _Gate:
 def test_backpressure_skip_is_counted_and_warned_once(tmp_path, caplog):
     gate = _Gate()
     model = _mlp()
-    mon = Monitor(model, every_n_steps=1, at_end=False, log_dir=tmp_path, analyze_fn=gate, **OPTS)
+    mon = Monitor(model, every_n_steps=1, at_end=False, log_dir=tmp_path, analyze_fn=gate, max_pending=1, **OPTS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(1, 11):
@@ -176,6 +176,7 @@ def test_strict_reraises_worker_errors_on_the_training_thread_after_writing(tmp_
         log_dir=tmp_path,
         analyze_fn=_fails_on_layer_2,
         on_backpressure="block",
+        max_pending=1,  # step 4 waits for step 2's result
         strict=True,
         **OPTS,
     )
@@ -192,7 +193,7 @@ def test_strict_reraises_worker_errors_on_the_training_thread_after_writing(tmp_
 def test_nan_weights_raise_non_finite_stop_and_keep_the_record(tmp_path):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = Monitor(model, every_n_steps=3, log_dir=tmp_path, on_backpressure="block", **OPTS)
+    mon = Monitor(model, every_n_steps=3, log_dir=tmp_path, on_backpressure="block", max_pending=1, **OPTS)
     stopped_at = None
     for step in range(1, 16):
         _train_step(model, opt, step)

@@ -22,7 +22,7 @@ from esdwatch.engine.analyzer import analyze_layers
 from esdwatch.monitor import Monitor
 from esdwatch.rundir import read_records
 
-OPTS = dict(min_evals=8, traps=False)
+OPTS = dict(min_evals=8, traps=False, max_pending=1)  # one snapshot in flight: the hang blocks the next
 #: generous upper bounds: a hang would take forever, a bounded wait takes about drain_timeout per wait
 HANG_GUARD_S = 60.0
 

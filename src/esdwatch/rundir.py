@@ -90,6 +90,8 @@ ALARMS_FILE = "alarms.jsonl"
 SEGMENTS_FILE = "segments.jsonl"
 SPECTRA_FILE = "spectra.jsonl"
 DISTRIBUTED_FILE = "distributed.jsonl"
+#: one line per scheduled snapshot that was not taken: global_step, segment, reason
+SKIPPED_FILE = "skipped.jsonl"
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)

@@ -9,11 +9,13 @@ coordinators answer behind one interface (:class:`Coordinator`):
 * :class:`~esdwatch.monitor.exchange.DistributedCoordinator` (several ranks): the ranks
   decide together at *exchanges* (see :mod:`esdwatch.monitor.exchange`).
 
-Backpressure: at most ``max_pending`` snapshots are in flight (copied, not yet handed
-back). When the worker is behind, ``"skip"`` skips the snapshot, counts it
-(``stats["skipped"]``, :attr:`Coordinator.skipped_steps`) and warns once; ``"block"``
-makes the training thread wait for a free slot. The final (``at_end``) snapshot always
-waits.
+Backpressure: what is in flight (copied, not yet handed back) is bounded by bytes,
+``max_pending_bytes`` (and by a count if ``max_pending`` is set; one snapshot always fits:
+:meth:`~esdwatch.monitor.runtime.AnalysisRuntime.has_room`). A snapshot that does not fit
+is skipped with ``"skip"``: counted (``stats["skipped"]``, :attr:`Coordinator.skipped_steps`),
+listed with its reason in ``skipped.jsonl`` and warned about once; ``"block"`` makes the
+training thread wait for room, at most ``drain_timeout``. The final (``at_end``) snapshot
+always waits.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class MonitorParts:
 def new_stats() -> dict[str, float]:
     """The monitor's counters (``Monitor.stats``), all zero."""
     names = (
-        "snapshots skipped analysed failed_layers empty_snapshots hook_s snapshot_s handle_s analysis_wall_s "
+        "snapshots skipped analysed lost failed_layers empty_snapshots hook_s snapshot_s handle_s analysis_wall_s "
         "analysis_cpu_s block_s bytes_copied exchanges exchange_s layers_analysed"
     )
     return {name: (0.0 if name.endswith("_s") else 0) for name in names.split()}
@@ -121,6 +123,7 @@ class Coordinator(abc.ABC):
         self.snapshots = 0  # snapshots taken in this run
         self.skipped_steps: list[int] = []
         self._copy_s: dict[int, float] = {}  # seq -> seconds the training thread spent taking it
+        self._next_nbytes = 0  # what the next snapshot will copy here (as much as the last one did)
 
     # ---- the interface the Monitor front uses
     @abc.abstractmethod
@@ -167,11 +170,12 @@ class Coordinator(abc.ABC):
     def _refresh_interval(self) -> None:
         self.p.schedule.plan_interval(self.planning_costs(), log_changes=self.p.writer)
 
-    def _count_skip(self, step: int) -> None:
+    def _count_skip(self, step: int, reason: str) -> None:
         self.p.schedule.skipped(step)
         self.p.stats["skipped"] += 1
         self.skipped_steps.append(step)
         del self.skipped_steps[:-SKIPPED_KEEP]
+        self.p.outputs.skipped({"global_step": step, "segment": self.p.outputs.segment, "reason": reason})
         if self.p.runtime.stuck:
             self.p.faults.warn_once(
                 "stuck",
@@ -188,15 +192,16 @@ class Coordinator(abc.ABC):
         )
         self.p.faults.warn_once(
             "backpressure",
-            f"esdwatch: the analysis worker is still busy; skipped the snapshot at step {step} "
-            f"(on_backpressure='skip', max_pending={ex.max_pending}). Skipped snapshots are counted in "
-            f"stats['skipped']; snapshot less often (every_n_steps='auto' follows the worker's pace), raise "
-            f"max_pending, use on_backpressure='block'{nice}.",
+            f"esdwatch: the analysis worker is behind; skipped the snapshot at step {step}: {reason}. Skipped "
+            f"snapshots are counted in stats['skipped'] and listed with their reason in skipped.jsonl; snapshot "
+            f"less often (every_n_steps='auto' follows the worker's pace), raise max_pending_bytes, or use "
+            f"on_backpressure='block'{nice}.",
         )
 
     def _took(self, step: int, seq: int, taken: Taken) -> None:
         """Bookkeeping of a snapshot taken (submitted here, or on another rank)."""
         self._copy_s[seq] = taken.copy_s
+        self._next_nbytes = taken.nbytes
         self.p.schedule.taken(step)
         self.snapshots += 1
         stats = self.p.stats
@@ -211,7 +216,8 @@ class Coordinator(abc.ABC):
     def _account(self, res: Result) -> None:
         """This rank's bookkeeping of a finished analysis: stats, failures, the measured cost."""
         stats = self.p.stats
-        stats["analysed"] += 1
+        lost = bool(res.error) and not res.reports  # e.g. a worker process that died: nothing was analysed
+        stats["lost" if lost else "analysed"] += 1
         stats["analysis_wall_s"] += res.wall_s
         stats["analysis_cpu_s"] += res.cpu_s
         stats["layers_analysed"] += len(res.reports)
@@ -270,12 +276,12 @@ class LocalCoordinator(Coordinator):
         if self.p.schedule.last_snapshot_step == step:
             return False  # never two snapshots of one step
         model, root = self.p.model_and_root()
-        runtime = self.p.runtime
+        runtime, need = self.p.runtime, self._next_nbytes
         _, pool = runtime.ensure()
-        if pool.free_slots() == 0 and self._block(block):
-            runtime.wait_for_slot(self.p.options.execution.drain_timeout, self.collect)
-        if pool.free_slots() == 0:
-            self._count_skip(step)
+        if not runtime.has_room(need) and self._block(block):
+            runtime.wait_for_room(need, self.p.options.execution.drain_timeout, self.collect)
+        if not runtime.has_room(need):
+            self._count_skip(step, runtime.room_shortage(need))
             return False
         taken = self.p.snapshotter.take(model, root, step, epoch, self.seq, pool, runtime.submit)
         if taken.outcome is Outcome.EMPTY:

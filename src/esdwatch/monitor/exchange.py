@@ -127,16 +127,17 @@ class DistributedCoordinator(Coordinator):
         """
         comm = self.comm()
         runtime = self.p.runtime
-        _, pool = runtime.ensure()
+        runtime.ensure()
         for res in runtime.poll():
             self.collect(res)
-        if take and self._block(block) and pool.free_slots() == 0:
-            runtime.wait_for_slot(self.p.options.execution.drain_timeout, self.collect)
+        if take and self._block(block) and not runtime.has_room(self._next_nbytes):
+            runtime.wait_for_room(self._next_nbytes, self.p.options.execution.drain_timeout, self.collect)
         err = self.p.faults.take_pending()
         payload = {
             "rank": self.rank,
             "parts": self._local,
-            "free": pool.free_slots() > 0,
+            "free": runtime.has_room(self._next_nbytes),
+            "shortage": runtime.room_shortage(self._next_nbytes),
             "cost": self.p.budget.costs().as_tuple(),
             "error": None if err is None else str(err),
         }
@@ -156,7 +157,8 @@ class DistributedCoordinator(Coordinator):
             if all(p["free"] for p in gathered):
                 self._take(step, epoch, reason)
             else:
-                self._count_skip(step)
+                full = [p for p in gathered if not p["free"]]
+                self._count_skip(step, "; ".join(f"rank {p['rank']}: {p['shortage']}" for p in full))
         if stop:
             self.p.stop.sync(comm.any)
         errors = [f"rank {p['rank']}: {p['error']}" for p in gathered if p["error"]]

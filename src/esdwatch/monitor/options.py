@@ -171,9 +171,14 @@ class ExecutionOptions:
         worker: "thread" (default: no start-up cost, no copy; the analysis kernels release
             the GIL) or "process" (for Python-heavy analyze_fn). Why the defaults:
             experiments/results/worker_defaults.md.
-        max_pending: snapshots in flight (copied, not yet handed back) at most.
-        on_backpressure: when the worker is still busy at a scheduled step: "skip" (count
-            the snapshot in stats["skipped"] and skip it) or "block" (wait for a free slot).
+        max_pending: snapshots in flight (copied, not yet handed back) at most; None (default):
+            as many as max_pending_bytes holds.
+        max_pending_bytes: bytes of copied weights in flight at most; None (default): a quarter of
+            the memory available when training starts (host memory, or the GPU's with
+            device="cuda"), at most 4 GiB. One snapshot is always allowed, whatever its size.
+        on_backpressure: when a scheduled snapshot does not fit (the worker is behind by more
+            than the budget): "skip" (skip it, count it in stats["skipped"] and note it with its
+            reason in skipped.jsonl) or "block" (wait for room, at most drain_timeout).
         drain_timeout: seconds to wait for pending analyses at the end, at a checkpoint and
             after an exception (None: no limit).
         worker_nice: niceness added to the worker (0: share the cores fairly; a niced worker
@@ -184,7 +189,8 @@ class ExecutionOptions:
     """
 
     worker: Literal["thread", "process"] = "thread"
-    max_pending: int = 1
+    max_pending: int | None = None
+    max_pending_bytes: int | None = None
     on_backpressure: Literal["skip", "block"] = "skip"
     drain_timeout: float | None = 120.0
     worker_nice: int = 0
@@ -193,8 +199,10 @@ class ExecutionOptions:
 
     def __post_init__(self) -> None:
         _choice("worker", self.worker, WORKER_KINDS)
-        if isinstance(self.max_pending, bool) or not isinstance(self.max_pending, int) or self.max_pending < 1:
-            raise ValueError(f"max_pending must be an int >= 1, got {self.max_pending!r}")
+        for name in ("max_pending", "max_pending_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
         _choice("on_backpressure", self.on_backpressure, BACKPRESSURE)
         if self.drain_timeout is not None and not (float(self.drain_timeout) >= 0):
             raise ValueError(f"drain_timeout must be >= 0 seconds or None, got {self.drain_timeout!r}")

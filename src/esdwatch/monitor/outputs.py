@@ -142,6 +142,11 @@ class Outputs:
         for sink in self.sinks:
             self.call(sink, "alarm", functools.partial(sink.alarm, alarm))
 
+    def skipped(self, info: dict[str, Any]) -> None:
+        """A scheduled snapshot that was not taken, and why (``skipped.jsonl``)."""
+        if self._jsonl is not None:
+            self._to_disk(functools.partial(self._jsonl.skipped, info))
+
     def distributed(self, info: dict[str, Any]) -> None:
         """Which rank analysed which layer of one snapshot (``distributed.jsonl``)."""
         if self._jsonl is not None:

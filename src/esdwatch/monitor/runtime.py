@@ -3,14 +3,17 @@
 Created lazily (a monitor that never starts owns no thread, process or buffer) and closed
 at the end of the run. The executor is a thread (default) or a process
 (:mod:`esdwatch.monitor.worker`); the :class:`~esdwatch.monitor.snapshot.BufferPool` has
-one slot per snapshot that may be in flight (``max_pending``), in memory the executor
-can read (shared memory for a process, the GPU for ``device="cuda"``).
+one slot per snapshot in flight, in memory the executor can read (shared memory for a
+process, the GPU for ``device="cuda"``). What is in flight is bounded by bytes
+(``max_pending_bytes``: :meth:`AnalysisRuntime.has_room`), and every wait for the worker by
+``drain_timeout``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -20,7 +23,28 @@ from esdwatch.monitor.worker import AnalyzeFn, Executor, Job, Result, make_execu
 
 log = logging.getLogger("esdwatch.monitor")
 
-__all__ = ["AnalysisRuntime"]
+__all__ = ["AnalysisRuntime", "default_pending_budget"]
+
+#: snapshots in flight at most when max_pending is None (the memory budget decides below that)
+MAX_SLOTS = 1024
+#: the default budget: this fraction of the memory available at start, at most DEFAULT_BUDGET_CAP bytes
+DEFAULT_BUDGET_FRACTION = 0.25
+DEFAULT_BUDGET_CAP = 4 * 2**30
+
+
+def default_pending_budget(on_gpu: bool) -> int:
+    """A quarter of the memory available now (the GPU's for an analysis on the GPU), at most 4 GiB."""
+    available = 0
+    try:
+        if on_gpu:
+            import torch
+
+            available = int(torch.cuda.mem_get_info()[0])
+        else:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, RuntimeError, AttributeError):  # no such sysconf / no CUDA: assume 4 GiB free
+        available = 4 * 2**30
+    return max(1, min(DEFAULT_BUDGET_CAP, int(DEFAULT_BUDGET_FRACTION * available)))
 
 
 class AnalysisRuntime:
@@ -35,8 +59,10 @@ class AnalysisRuntime:
         self.on_gpu = on_gpu
         self.executor: Executor | None = None
         self.pool: BufferPool | None = None
-        #: seq -> (step, layer names, submission time) of every snapshot in flight
-        self._in_flight: dict[int, tuple[int, list[str], float]] = {}
+        #: bytes of copied weights allowed in flight (resolved when the worker starts)
+        self.budget_bytes = 0
+        #: seq -> (step, layer names, submission time, bytes) of every snapshot in flight
+        self._in_flight: dict[int, tuple[int, list[str], float, int]] = {}
         #: the seq of an analysis that outlived a bounded wait: later waits for it return at once
         self._stuck: int | None = None
 
@@ -51,7 +77,9 @@ class AnalysisRuntime:
                 threads=self.execution.worker_threads,
             )
         if self.pool is None:
-            self.pool = BufferPool(self.execution.max_pending, "device" if self.on_gpu else ex.buffer_target)
+            slots = self.execution.max_pending or MAX_SLOTS
+            self.pool = BufferPool(slots, "device" if self.on_gpu else ex.buffer_target)
+            self.budget_bytes = self.execution.max_pending_bytes or default_pending_budget(self.on_gpu)
         ex.start()
         return ex, self.pool
 
@@ -68,14 +96,11 @@ class AnalysisRuntime:
     def starting(self) -> bool:
         return self.executor is not None and not self.executor.ready
 
-    @property
-    def free_slots(self) -> int:
-        return 0 if self.pool is None else self.pool.free_slots()
-
     def submit(self, job: Job) -> None:
         """Hand a snapshot to the worker (what is in flight is remembered, to name it if it hangs)."""
         assert self.executor is not None
-        self._in_flight[job.seq] = (job.step, [m.name for m in job.mats], time.monotonic())
+        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in job.mats)
+        self._in_flight[job.seq] = (job.step, [m.name for m in job.mats], time.monotonic(), nbytes)
         self.executor.submit(job)
 
     def release(self, res: Result) -> None:
@@ -94,20 +119,43 @@ class AnalysisRuntime:
         if not self._in_flight:
             return "no snapshot is being analysed"
         seq = min(self._in_flight)
-        step, names, t0 = self._in_flight[seq]
+        step, names, t0, _ = self._in_flight[seq]
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         return f"the analysis of the snapshot at step {step} (layers {shown}) has run for {time.monotonic() - t0:.1f} s"
 
-    def wait_for_slot(self, timeout: float | None, collect: Callable[[Result], None]) -> bool:
-        """Wait (up to ``timeout`` s) for a free buffer slot, handing results to ``collect``; True if one is free.
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of copied weights in flight."""
+        return sum(entry[3] for entry in self._in_flight.values())
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether a snapshot of ``nbytes`` fits now: nothing in flight, or a free slot and room in the budget."""
+        if not self._in_flight:
+            return True
+        return self.pool is not None and self.pool.free_slots() > 0 and self.pending_bytes + nbytes <= self.budget_bytes
+
+    def room_shortage(self, nbytes: int) -> str:
+        """Why a snapshot of ``nbytes`` does not fit (for the skip's warning and record)."""
+        mib, n = 2.0**20, len(self._in_flight)
+        held = f"{n} snapshot(s) ({self.pending_bytes / mib:.1f} MiB) still being analysed"
+        if self.pool is not None and self.pool.free_slots() == 0:
+            cap = self.execution.max_pending
+            return f"{held}, the most allowed in flight ({f'max_pending={cap}' if cap else f'{MAX_SLOTS} snapshots'})"
+        return (
+            f"{held}; the next needs {nbytes / mib:.1f} MiB and the budget is {self.budget_bytes / mib:.0f} MiB "
+            f"(max_pending_bytes)"
+        )
+
+    def wait_for_room(self, nbytes: int, timeout: float | None, collect: Callable[[Result], None]) -> bool:
+        """Wait (up to ``timeout`` s) until a snapshot of ``nbytes`` fits, handing results to ``collect``.
 
         When the wait runs out, the oldest analysis in flight is marked stuck and named in a
         warning; later waits give up at once while it is still running, so a hung analysis
         costs the training one bounded wait, not one per snapshot.
         """
-        executor, pool = self.ensure()
+        executor, _ = self.ensure()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while pool.free_slots() == 0 and executor.in_flight > 0:
+        while not self.has_room(nbytes) and executor.in_flight > 0:
             oldest = min(self._in_flight) if self._in_flight else None
             left = None if deadline is None else deadline - time.monotonic()
             if oldest is not None and oldest == self._stuck or (left is not None and left <= 0):
@@ -115,7 +163,7 @@ class AnalysisRuntime:
                 return False
             for res in self.wait(1.0 if left is None else min(1.0, left)):
                 collect(res)
-        return pool.free_slots() > 0
+        return self.has_room(nbytes)
 
     def _mark_stuck(self, timeout: float | None) -> None:
         oldest = min(self._in_flight) if self._in_flight else None

@@ -5,10 +5,11 @@ A snapshot turns the :class:`~esdwatch.engine.layers.LayerMatrix` views that
 :class:`LayerMatrix` objects whose ``weight`` is a private copy the analysis worker may
 read while training goes on. The copies live in reusable buffers:
 
-* :class:`BufferPool` holds ``slots`` sets of buffers (one set per snapshot that may be
-  in flight, i.e. ``max_pending``). A slot is acquired for a snapshot and released when
-  its results have been handed back, so a buffer is never overwritten while the worker
-  reads it, and steady-state snapshots allocate nothing.
+* :class:`BufferPool` holds up to ``slots`` sets of buffers (one set per snapshot in
+  flight, made on demand). A slot is acquired for a snapshot and released when its
+  results have been handed back, so a buffer is never overwritten while the worker reads
+  it; one idle set is kept, so steady-state snapshots allocate nothing and a burst's extra
+  sets are freed when it is over.
 * Buffers keep the source's memory layout when it is dense (a transposed or permuted
   view of a contiguous parameter is copied with one ``memcpy``-speed ``copy_``, not a
   strided gather), the source's dtype (a bfloat16 weight is copied as bfloat16: half
@@ -106,7 +107,8 @@ class BufferPool:
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         self.target = target
-        self._slots = [_Slot() for _ in range(slots)]
+        self.max_slots = slots
+        self._slots = [_Slot()]  # more are made on demand, up to max_slots
         self._lock = threading.Lock()
         self._streams: dict[Any, Any] = {}
         self.allocations = 0  # buffers allocated so far (reuse keeps this flat)
@@ -117,7 +119,7 @@ class BufferPool:
 
     def free_slots(self) -> int:
         with self._lock:
-            return sum(not s.busy for s in self._slots)
+            return self.max_slots - sum(s.busy for s in self._slots)
 
     def acquire(self) -> int | None:
         """Index of a free slot, now marked busy; None when every slot is in use."""
@@ -126,11 +128,18 @@ class BufferPool:
                 if not s.busy:
                     s.busy = True
                     return i
+            if len(self._slots) < self.max_slots:
+                self._slots.append(_Slot(busy=True))
+                return len(self._slots) - 1
         return None
 
     def release(self, slot: int) -> None:
+        """The slot's snapshot is analysed; its buffers are kept for reuse unless another idle slot has some."""
         with self._lock:
-            self._slots[slot].busy = False
+            s = self._slots[slot]
+            s.busy = False
+            if any(o is not s and not o.busy and o.buffers for o in self._slots):
+                s.buffers.clear()  # a burst is over: keep one idle set of buffers, not one per slot
 
     def clear(self) -> None:
         """Drop every buffer (e.g. at the end of training)."""

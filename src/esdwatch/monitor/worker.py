@@ -2,7 +2,7 @@
 
 Two executors share one interface (:class:`Executor`): ``submit(job)`` from the training
 thread, then ``poll()`` / ``wait(timeout)`` from the same thread to collect
-:class:`Result` objects. Capacity (how many snapshots may be in flight, ``max_pending``)
+:class:`Result` objects. Capacity (how many snapshots may be in flight, ``max_pending_bytes``)
 is enforced by the caller through the :class:`~esdwatch.monitor.snapshot.BufferPool` slots; the
 executors themselves never block on ``submit``.
 

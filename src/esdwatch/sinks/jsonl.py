@@ -20,6 +20,7 @@ from esdwatch.rundir import (
     DISTRIBUTED_FILE,
     RECORDS_FILE,
     SEGMENTS_FILE,
+    SKIPPED_FILE,
     alarm_line,
     copy_history,
     dump_lines,
@@ -132,6 +133,10 @@ class JsonlSink:
     def distributed(self, info: Mapping[str, Any]) -> None:
         """Append one snapshot's distributed bookkeeping (owners per layer) to ``distributed.jsonl``."""
         self._append(DISTRIBUTED_FILE, dump_lines([dict(info)]))
+
+    def skipped(self, info: Mapping[str, Any]) -> None:
+        """Append a scheduled snapshot that was not taken, with its reason, to ``skipped.jsonl``."""
+        self._append(SKIPPED_FILE, dump_lines([dict(info)]))
 
     def alarm(self, alarm: Alarm) -> None:
         self._append(ALARMS_FILE, dump_lines([alarm_line(alarm, self.segment)]))
