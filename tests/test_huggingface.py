@@ -278,7 +278,7 @@ def test_wandb_offline_run_holds_esdwatch_keys_on_the_trainers_step(tmp_path, of
 
 def test_a_nan_layer_stops_training_through_should_training_stop(tmp_path):
     layer = "bert.encoder.layer.1.attention.self.value"
-    cb = ESDCallback(every_n_steps=3, **OPTS)
+    cb = ESDCallback(every_n_steps=3, max_pending=1, **OPTS)  # one in flight: the next snapshot waits for it
     trainer = train(tmp_path, [PoisonAt(6, layer), cb], max_steps=60)
     # the snapshot of step 6 is analysed in the background; its non_finite alarm (action "stop") is handled
     # at step 7, 8 or at the latest at 9 (the next snapshot waits for it)

@@ -121,7 +121,10 @@ def test_process_worker_writes_the_same_records_as_the_thread_worker(tmp_path):
 
 
 def test_rank_collapse_raises_the_alarm_and_stops_within_patience(tmp_path):
-    cb = ESDMonitor(every_n_steps=2, on_backpressure="block", alarm_actions={"rank_collapse": "stop"}, **OPTS)
+    # one snapshot in flight, block: each snapshot waits for the previous one's result
+    cb = ESDMonitor(
+        every_n_steps=2, on_backpressure="block", max_pending=1, alarm_actions={"rank_collapse": "stop"}, **OPTS
+    )
     trainer = _trainer(tmp_path, [H.after_step(H.collapse_from(5)), cb], max_steps=200)
     trainer.fit(H.net())
     records = {(r.global_step, r.name): r.report for r in read_records(tmp_path / "esdwatch")}
@@ -141,7 +144,7 @@ def test_nan_weights_stop_training_by_default_and_the_record_is_kept(tmp_path):
         if trainer.global_step == 6:
             module.net[2].weight[3, 3] = float("nan")
 
-    cb = ESDMonitor(every_n_steps=3, on_backpressure="block", **OPTS)
+    cb = ESDMonitor(every_n_steps=3, on_backpressure="block", max_pending=1, **OPTS)
     trainer = _trainer(tmp_path, [H.after_step(poison), cb], max_steps=200)
     trainer.fit(H.net())
     assert 6 <= trainer.global_step <= 9
@@ -173,7 +176,9 @@ def test_worker_error_is_logged_with_the_layer_name_and_training_continues(tmp_p
 
 
 def test_strict_reraises_the_worker_error_in_the_training_loop(tmp_path):
-    cb = ESDMonitor(every_n_steps=4, on_backpressure="block", analyze_fn=_fails_on_net2, strict=True, **OPTS)
+    cb = ESDMonitor(
+        every_n_steps=4, on_backpressure="block", max_pending=1, analyze_fn=_fails_on_net2, strict=True, **OPTS
+    )
     trainer = _trainer(tmp_path, [cb], max_steps=40)
     with pytest.raises(EsdwatchError, match="net.2: ZeroDivisionError: bad layer"):
         trainer.fit(H.net())
@@ -285,7 +290,11 @@ def test_two_named_monitors_log_to_one_tensorboard_under_their_own_tags(tmp_path
     opts = dict(OPTS, logger_sinks=True, on_backpressure="block", sink_options={"figures": False})
     a = ESDMonitor(every_n_steps=3, name="a", layers="net.0", keep_evals=True, **opts)
     b = ESDMonitor(
-        every_n_steps=4, name="b", layers="net.2", **{**opts, "sink_options": {"figures": False, "histograms": False}}
+        every_n_steps=4,
+        name="b",
+        layers="net.2",
+        keep_evals=False,  # b: scalars only
+        **{**opts, "sink_options": {"figures": False, "histograms": False}},
     )
     logger = L.loggers.TensorBoardLogger(str(tmp_path), name="tb")
     _trainer(tmp_path, [a, b], max_steps=8, logger=logger, log_every_n_steps=4).fit(H.net())

@@ -386,7 +386,9 @@ def test_keep_evals_writes_the_spectra_next_to_the_records_without_a_sink_argume
         assert got.counts.tolist() == want.counts.tolist() and got.num == rec.report.num_evals == rec.report.M
         assert (got.lo, got.hi, got.num_floor) == (pytest.approx(want.lo), pytest.approx(want.hi), want.num_floor)
     # without keep_evals there are no eigenvalues, hence no spectra file
-    plain = Monitor(_mlp(), every_n_steps=5, log_dir=tmp_path / "plain", on_backpressure="block", **OPTS)
+    plain = Monitor(
+        _mlp(), every_n_steps=5, log_dir=tmp_path / "plain", on_backpressure="block", keep_evals=False, **OPTS
+    )
     _run_plain(plain.model, plain, 6)
     assert (tmp_path / "plain" / "esdwatch" / "records.jsonl").exists()
     assert not (tmp_path / "plain" / "esdwatch" / "spectra.jsonl").exists() and plain.sinks == []
