@@ -20,7 +20,12 @@ Conventions (see ``docs/metrics.md`` section 1)
   checkpoints; order is ``named_modules()`` order (state-dict order for a state dict).
   Derived matrices append a suffix: ``.in_proj.q`` / ``.k`` / ``.v`` for the packed
   attention projection, ``[i,j]`` for a conv kernel position, ``.lora_BA`` for a LoRA
-  update. A ``torch.compile`` wrapper's ``_orig_mod`` component is dropped from names;
+  update. Recurrent weights are named like the packed attention projection: the
+  parameter's state-dict key (``lstm.weight_ih_l0``, ``gru.weight_hh_l1_reverse``,
+  ``cell.weight_ih``; there is no ``weight`` suffix to strip) plus ``.<gate>``
+  (``lstm.weight_ih_l0.i``, ``gru.weight_hh_l1_reverse.z``); an ``nn.RNN``'s weights and
+  an LSTM projection ``weight_hr_l{k}`` are one matrix each and keep the bare key.
+  A ``torch.compile`` wrapper's ``_orig_mod`` component is dropped from names;
   DDP/FSDP's ``module.`` prefix is kept (it is a real module name).
 
 What is analysed (module form)
@@ -39,9 +44,22 @@ module                        kind          matrix / matrices
 HF ``Conv1D`` (GPT-2)         hf_conv1d     weight stored (in x out); recognised by class name
                                             ``Conv1D`` plus an ``nf`` attribute
 LoRA layers (peft, loralib)   lora          s * B @ A for each adapter, ``{name}.lora_BA``
+``nn.LSTM``, ``nn.GRU``,      recurrent     for every layer k and direction (``_reverse``):
+``nn.RNN`` and their                        ``weight_ih_l{k}`` (G*H x in) and ``weight_hh_l{k}``
+``*Cell`` variants                          (G*H x H, or G*H x proj_size) split per gate
+                                            in PyTorch's row order: LSTM G=4 (i, f, g, o),
+                                            GRU G=3 (r, z, n), RNN G=1 (not split); each gate
+                                            H x in or H x H (x proj_size); the LSTM projection
+                                            ``weight_hr_l{k}`` (proj_size x H) as its own matrix.
+                                            Cells: ``weight_ih`` / ``weight_hh``, same gates
 other ``*Linear*`` /          linear /      a 2-D ``weight`` tensor (duck typing, like
 ``*Embedding*`` classes       embedding     weightwatcher's class-name test)
 ============================  ============  =====================================================
+
+Recurrent gate matrices are views (``chunk`` rows of the packed parameter), oriented
+N >= M like any other. Biases are never matrices. torch's dynamically quantized
+``LSTM``/``GRU`` (``torch.ao.nn.quantized.dynamic``) hold packed int8 weights: each such
+module is listed as skipped (kind ``recurrent``), not analysed.
 
 Free-standing ``nn.Parameter`` matrices (e.g. CLIP's ``proj``) belong to no such module
 and are only found through the state-dict form.
@@ -52,6 +70,11 @@ Matching weightwatcher 0.7.7
   name contains linear / conv1d / conv2d / embedding, which is how it picks up
   HF ``Conv1D``). It does NOT analyse ``nn.MultiheadAttention``'s packed ``in_proj_weight``
   (only its ``out_proj``), Conv3d (unknown type) or ConvTranspose; esdwatch adds those.
+  ww has no convention for recurrent layers: ``nn.LSTM``/``GRU``/``RNN`` are of unknown
+  type to it (neither analysed nor listed), and a state dict's ``weight_ih_l0`` keys
+  do not end in ``.weight``, so it reads none of them (checked with ww 0.7.7, module
+  and state-dict form). esdwatch's per-gate split is its own, on the model of the q/k/v
+  split of a packed attention projection.
   For ``torch.nn.Conv1d`` ww takes the 3-D kernel as one matrix with
   N, M = max, min of its three dims (so M is usually the kernel width and the layer is
   dropped by ``min_evals``); esdwatch slices it per tap like a Conv2d instead, so Conv1d
@@ -75,7 +98,8 @@ Matching weightwatcher 0.7.7
   such factor to Conv1d/Conv3d (nor to anything else), and neither does esdwatch.
 * State dicts: ww reads keys ending in ``.weight``; 2-D tensors are dense, 4-D conv2d.
   esdwatch reads keys ending in ``weight`` (which also catches ``in_proj_weight``) with
-  2 to 5 dims; see :func:`find_layers`.
+  2 to 5 dims, and recurrent ``weight_ih/hh/hr[_l{k}[_reverse]]`` keys; see
+  :func:`find_layers`.
 """
 
 from __future__ import annotations
@@ -106,7 +130,7 @@ __all__ = [
 
 #: Every value :attr:`LayerMatrix.kind` can take.
 KINDS: frozenset[str] = frozenset(
-    {"linear", "embedding", "conv1d", "conv2d", "conv3d", "attention", "hf_conv1d", "lora", "matrix"}
+    {"linear", "embedding", "conv1d", "conv2d", "conv3d", "attention", "hf_conv1d", "lora", "recurrent", "matrix"}
 )
 CONV_MODES: tuple[str, ...] = ("pooled", "slices")
 
@@ -118,7 +142,7 @@ class LayerMatrix:
     Attributes:
         name: stable name, the ``named_modules()`` name or state-dict key without
             ``.weight`` plus a suffix for derived matrices (``.in_proj.q``, ``[i,j]``,
-            ``.lora_BA``).
+            ``.lora_BA``, a recurrent gate ``lstm.weight_ih_l0.i``).
         kind: one of :data:`KINDS`.
         module_type: class name of the module it came from, ``"tensor"`` for
             state-dict entries.
@@ -128,7 +152,8 @@ class LayerMatrix:
             (ww's conv2d_norm, see the module docstring); 1.0 otherwise.
         source_shape: stored shape of what the matrix was cut from, before orientation:
             the parameter's shape for a whole parameter or pooled kernel, the piece's
-            shape for an ``in_proj`` block (E, E) or one kernel position (out, in).
+            shape for an ``in_proj`` block (E, E), a recurrent gate (H, in) or one
+            kernel position (out, in).
             Empty when unknown (hand-built instances): :attr:`shape` then falls back to
             the oriented matrix shape.
         param_name: fully qualified parameter name (state-dict key) it came from, e.g.
@@ -432,6 +457,83 @@ def _in_proj_candidate(
     return _Candidate(group, "attention", module_type, module, (t,), pname, names, make, shape=_shape(t))
 
 
+#: Gate names of a packed recurrent weight, in PyTorch's row order (() = one matrix, not split).
+_LSTM_GATES: tuple[str, ...] = ("i", "f", "g", "o")
+_GRU_GATES: tuple[str, ...] = ("r", "z", "n")
+_GATES_BY_COUNT: dict[int, tuple[str, ...]] = {1: (), 3: _GRU_GATES, 4: _LSTM_GATES}
+_GATES_BY_MODE: dict[str, tuple[str, ...]] = {"LSTM": _LSTM_GATES, "GRU": _GRU_GATES, "RNN_TANH": (), "RNN_RELU": ()}
+_RNN_CLASS_NAMES = frozenset({"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"})
+
+
+def _recurrent_candidate(
+    group: str,
+    module_type: str,
+    module: nn.Module | None,
+    t: Any,
+    pname: str,
+    gates: tuple[str, ...],
+    hidden: int | None,
+) -> _Candidate:
+    """A recurrent weight: (G*H, X) packed per gate -> G views (H, X) named group.<gate>.
+
+    ``gates`` empty: one matrix named ``group`` (nn.RNN, a projection ``weight_hr``).
+    """
+    names: list[tuple[str, tuple[str, ...]]] = [(f"{group}.{g}", (group,)) for g in gates] if gates else [(group, ())]
+
+    def check() -> str | None:
+        if t.ndim != 2:
+            return f"{t.ndim}-D weight {tuple(t.shape)} is not a matrix"
+        if gates and hidden and t.shape[0] != len(gates) * hidden:
+            return f"weight {tuple(t.shape)} is not {len(gates)} gates x hidden_size={hidden} rows"
+        return None
+
+    def make() -> list[_Item]:
+        w = t.detach()
+        if not gates:
+            return [_Item(group, _orient(w).unsqueeze(0), 1.0, tuple(w.shape))]
+        chunks = w.chunk(len(gates), dim=0)
+        return [_Item(n, _orient(c).unsqueeze(0), 1.0, tuple(c.shape)) for (n, _), c in zip(names, chunks)]
+
+    shape = _shape(t) if isinstance(t, torch.Tensor) else ()
+    return _Candidate(group, "recurrent", module_type, module, (t,), pname, names, make, shape=shape, check=check)
+
+
+def _recurrent_module_candidates(name: str, mod: nn.Module) -> list[_Candidate]:
+    """The weights of an ``nn.RNN``/``LSTM``/``GRU`` (every layer and direction) or of a cell."""
+    tname = type(mod).__name__
+    pfx = f"{name}." if name else ""
+    hidden = int(getattr(mod, "hidden_size", 0)) or None
+    if isinstance(mod, nn.RNNBase):
+        gates = _GATES_BY_MODE.get(str(mod.mode), ())
+        attrs: list[str] = []
+        for layer in range(int(mod.num_layers)):
+            for sfx in ("", "_reverse") if mod.bidirectional else ("",):
+                attrs += [f"weight_ih_l{layer}{sfx}", f"weight_hh_l{layer}{sfx}"]
+                if int(getattr(mod, "proj_size", 0) or 0) > 0:
+                    attrs.append(f"weight_hr_l{layer}{sfx}")
+    else:  # nn.RNNCellBase
+        if isinstance(mod, nn.LSTMCell):
+            gates = _LSTM_GATES
+        elif isinstance(mod, nn.GRUCell):
+            gates = _GRU_GATES
+        else:
+            gates = ()  # nn.RNNCell (or an unknown cell: its weights are analysed whole)
+        attrs = ["weight_ih", "weight_hh"]
+    # getattr, not _parameters: a parametrized or weight-normed weight is an attribute
+    return [
+        _recurrent_candidate(
+            f"{pfx}{a}",
+            tname,
+            mod,
+            getattr(mod, a, None),
+            f"{pfx}{a}",
+            () if a.startswith("weight_hr") else gates,
+            hidden,
+        )
+        for a in attrs
+    ]
+
+
 _CONV_KIND = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
 _WEIGHT_KIND = {3: "conv1d", 4: "conv2d", 5: "conv3d"}  # state-dict kernels by ndim
 
@@ -514,6 +616,14 @@ def _module_candidates(
     """Candidates a module contributes by itself (children are visited separately)."""
     tname = type(mod).__name__
     pfx = f"{name}." if name else ""
+
+    if isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):
+        return _recurrent_module_candidates(name, mod)
+    if tname in _RNN_CLASS_NAMES and type(mod).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
+        # torch's dynamically quantized LSTM/GRU keep packed int8 weights, not matrices
+        cand = _dense_candidate(name, "recurrent", tname, mod, None, name)
+        cand.problem = "quantized recurrent module (packed int8 weights, not floating matrices)"
+        return [cand]
 
     if isinstance(mod, nn.MultiheadAttention):
         if getattr(mod, "in_proj_weight", None) is not None:
@@ -632,6 +742,32 @@ def _key_name(key: str) -> str:
     return key
 
 
+_RNN_KEY = re.compile(r"^(?P<mod>(?:.*\.)?)weight_(?P<which>ih|hh|hr)(?P<sfx>_l[0-9]+(?:_reverse)?)?$")
+
+
+def _state_dict_gates(sd: Mapping[str, Any], r: re.Match[str]) -> tuple[tuple[str, ...], int | None]:
+    """(gates, hidden_size) of a recurrent weight key, from its ``weight_hh`` (and ``weight_hr``).
+
+    ``weight_hh`` is (G*H, H), or (G*H, P) with a projection ``weight_hr`` (P, H): G = 4 is
+    an LSTM, 3 a GRU, 1 an RNN. Anything else is analysed whole (no gate split).
+    """
+    if r["which"] == "hr":
+        return (), None
+    mod, sfx = r["mod"], r["sfx"] or ""
+    hh, hr = sd.get(f"{mod}weight_hh{sfx}"), sd.get(f"{mod}weight_hr{sfx}")
+    if not isinstance(hh, torch.Tensor) or _is_uninitialized(hh) or hh.ndim != 2:
+        return (), None
+    H = (
+        int(hr.shape[1])
+        if isinstance(hr, torch.Tensor) and not _is_uninitialized(hr) and hr.ndim == 2
+        else int(hh.shape[1])
+    )
+    if H <= 0 or hh.shape[0] % H:
+        return (), None
+    gates = _GATES_BY_COUNT.get(int(hh.shape[0]) // H)
+    return (gates, H) if gates is not None else ((), None)
+
+
 def _iter_state_dict(sd: Mapping[str, Any], cfg: _Config) -> Iterator[LayerMatrix | SkippedLayer]:
     seen: dict[tuple, tuple[str, torch.Tensor]] = {}
     for key, t in sd.items():
@@ -656,6 +792,11 @@ def _iter_state_dict(sd: Mapping[str, Any], cfg: _Config) -> Iterator[LayerMatri
                 # the state dict: the product here is unscaled B @ A.
                 cand = _lora_candidate(group, "tensor", None, t, B, 1.0, key)
             yield from _process(cand, cfg, seen)
+            continue
+        r = _RNN_KEY.match(key)
+        if r and not _is_uninitialized(t) and t.ndim == 2:
+            gates, hidden = _state_dict_gates(sd, r)
+            yield from _process(_recurrent_candidate(key, "tensor", None, t, key, gates, hidden), cfg, seen)
             continue
         if not key.endswith("weight"):
             continue  # biases, buffers (position_ids, masks, rotary tables): never matrices
@@ -799,9 +940,12 @@ def find_layers(
             or, when prefixed ``"re:"``, a regular expression found anywhere in the name
             (``re.search``; anchor with ``^``/``$``). A matrix is kept when it matches
             some ``include`` (all, if none given) and no ``exclude``. A conv kernel's
-            slices (``conv1[0,1]``) also match through their layer name (``conv1``).
+            slices (``conv1[0,1]``) also match through their layer name (``conv1``), and
+            the pieces of a packed weight (``mha.in_proj.q``, ``lstm.weight_ih_l0.i``)
+            through the packed one's name (``mha.in_proj``, ``lstm.weight_ih_l0``).
         types: kinds (see :data:`KINDS`) and/or module classes (``isinstance``); a matrix
-            is kept when its kind or its module matches one of them.
+            is kept when its kind or its module matches one of them
+            (``types=["recurrent"]``: every LSTM/GRU/RNN gate and projection).
         min_evals, max_evals: bounds on the ESD's eigenvalue count ``num_evals = S * M``
             (M = min(N, M) of a slice): M for a dense matrix or a single slice, S * M for
             a pooled kernel, and the rank r (lower bound) for a LoRA product. This is
@@ -834,7 +978,12 @@ def find_layers(
     2-D tensors are not candidates: in state dicts they are mostly buffers (position ids,
     attention masks, rotary tables), not learned layer weights. LoRA factors
     (``x.lora_A[.adapter][.weight]`` + ``lora_B``) yield their product ``x.lora_BA``
-    (unscaled: the scaling lives in the adapter config). Names equal the module form's:
+    (unscaled: the scaling lives in the adapter config). Recurrent keys
+    (``x.weight_ih_l0[_reverse]``, ``x.weight_hh_l0``, ``x.weight_hr_l0``, a cell's
+    ``x.weight_ih``) are kind ``"recurrent"``, split per gate as in the module form: the
+    gate count G comes from ``weight_hh`` (G*H x H, or G*H x P beside a projection
+    ``weight_hr`` of P x H): 4 = LSTM (i, f, g, o), 3 = GRU (r, z, n), 1 = RNN; any other
+    shape is analysed whole. Names equal the module form's:
     a model and its ``state_dict()`` give the same names and (N, M).
 
     Weights are views of the live tensors (no copy; a pooled kernel is
