@@ -209,9 +209,10 @@ def test_fsdp_names_are_cleaned_and_unit_patterns_select_only_their_modules():
 
 
 def _slow_on_rank1(mats, config):
-    """analyze_layers, 50 ms slower on rank 1: the ranks measure different analysis times."""
+    """analyze_layers, 100 ms slower on rank 1: the ranks measure different analysis times (a margin over
+    the 40 ms the test asks for, so that a loaded machine's noise on rank 0 does not close the gap)."""
     if dist.get_rank() == 1:
-        time.sleep(0.05)
+        time.sleep(0.10)
     return analyze_layers(mats, config)
 
 

@@ -250,3 +250,15 @@ def test_fsdp1_units_are_summoned_one_at_a_time(tmp_path, kind):
 
 if __name__ == "__main__":
     _main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+
+
+def test_the_fsdp1_unit_filter_keeps_recurrent_gate_matrices():
+    # the FSDP1 path restricts discovery to one unit's modules with an exclude pattern built from the
+    # name suffixes find_layers adds: the recurrent gates (lstm.weight_ih_l0.i ...) must pass it
+    import re
+
+    from esdwatch.monitor.distributed import _only
+
+    keep_lstm = _only(["lstm"]).removeprefix("re:")
+    names = ["lstm.weight_ih_l0.i", "lstm.weight_hh_l1_reverse.f", "lstm.weight_hr_l0", "lstm", "fc.weight"]
+    assert [bool(re.match(keep_lstm, n)) for n in names] == [False, False, False, False, True]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from esdwatch.reporting.summary import fmt, layer_table
 
 try:  # the demo needs one of the two Lightning packages
     import lightning.pytorch as L
@@ -122,38 +123,9 @@ class DigitsMLP(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return "-" if not math.isfinite(v) else f"{v:.{digits}f}"
-
-
-def phase_table(records) -> str:
-    """A fixed-width table of one snapshot's records: name, phase, alpha, entropy, stable rank, MP soft rank."""
-    header = ("layer", "shape", "phase", "alpha", "entropy", "stable_rank", "mp_softrank", "status")
-    rows = [header]
-    for r in records:
-        rep = r.report
-        rows.append(
-            (
-                rep.name,
-                f"{rep.N}x{rep.M}",
-                rep.phase,
-                _fmt(rep.alpha, 2),
-                _fmt(rep.entropy, 3),
-                _fmt(rep.stable_rank, 1),
-                _fmt(rep.mp_softrank, 3),
-                rep.status,
-            )
-        )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+#: the end-of-run table, shared with the monitor's summary (esdwatch.reporting.summary)
+phase_table = layer_table
+_fmt = fmt
 
 
 def _logger(out: Path):
@@ -202,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # spectra for TensorBoard's histograms and the ESD figures (and the phase map) every 5 snapshots
         keep_evals=True,
         sink_options={"figure_every": 5},
+        verbose=False,  # the demo prints its own summary below
     )
     trainer = L.Trainer(
         max_epochs=args.epochs,

@@ -101,6 +101,11 @@ class MonitorParts:
             writer=writer,
         )
 
+    def note_busy(self) -> None:
+        """Tell the budget whether analysis work (or a worker's start-up) runs alongside the step that starts now."""
+        runtime = self.runtime
+        self.budget.note_busy(runtime.in_flight > 0 or runtime.starting, runtime.starting and runtime.in_flight == 0)
+
 
 def new_stats() -> dict[str, float]:
     """The monitor's counters (``Monitor.stats``), all zero."""
@@ -124,6 +129,8 @@ class Coordinator(abc.ABC):
         self.skipped_steps: list[int] = []
         self._copy_s: dict[int, float] = {}  # seq -> seconds the training thread spent taking it
         self._next_nbytes = 0  # what the next snapshot will copy here (as much as the last one did)
+        #: (layer, error) -> how many snapshots it failed in
+        self.layer_failures: dict[tuple[str, str], int] = {}
 
     # ---- the interface the Monitor front uses
     @abc.abstractmethod
@@ -226,8 +233,17 @@ class Coordinator(abc.ABC):
             if rep.status == STATUS_FAILED:
                 stats["failed_layers"] += 1
                 failures.append(f"{rep.name}: {rep.status_detail}")
-                log.warning(
-                    "esdwatch: analysis of layer %r at step %d failed: %s", rep.name, res.step, rep.status_detail
+                key = (rep.name, rep.status_detail)
+                self.layer_failures[key] = self.layer_failures.get(key, 0) + 1
+                # a persistent failure is logged once per run; the end-of-run summary counts them
+                level = logging.WARNING if self.layer_failures[key] == 1 else logging.DEBUG
+                log.log(
+                    level,
+                    "esdwatch: analysis of layer %r at step %d failed: %s%s",
+                    rep.name,
+                    res.step,
+                    rep.status_detail,
+                    " (logged once; counted in the end-of-run summary)" if level > 10 else "",
                 )
                 if res.tracebacks.get(rep.name):
                     log.debug("esdwatch: traceback for layer %r:\n%s", rep.name, res.tracebacks[rep.name])

@@ -379,9 +379,11 @@ def _summon(unit: nn.Module) -> Iterator[None]:
         yield
 
 
+#: recurrent weights split per gate: weight_ih_l0.i, weight_hh_l1_reverse.f, weight_hr_l0 (projection)
+_RECURRENT = r"weight_(?:ih|hh|hr)(?:_l[0-9]+(?:_reverse)?)?(?:\.[a-z])?"
 #: what find_layers appends to a module name for the matrices it derives from it
-_DERIVED = r"(?:\.in_proj(?:\.[qkv])?|\.[qkv]_proj|\.lora_BA(?:\.[^.]+)?|\[[0-9,]*\])?"
-_DERIVED_ROOT = r"(?:in_proj(?:\.[qkv])?|[qkv]_proj|lora_BA(?:\.[^.]+)?|\[[0-9,]*\])"
+_DERIVED = r"(?:\.in_proj(?:\.[qkv])?|\.[qkv]_proj|\.lora_BA(?:\.[^.]+)?|\." + _RECURRENT + r"|\[[0-9,]*\])?"
+_DERIVED_ROOT = r"(?:in_proj(?:\.[qkv])?|[qkv]_proj|lora_BA(?:\.[^.]+)?|" + _RECURRENT + r"|\[[0-9,]*\])"
 
 
 def _unit_modules(model: nn.Module, root: nn.Module, units: list[nn.Module]) -> dict[int, list[str]]:

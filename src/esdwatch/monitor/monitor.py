@@ -58,6 +58,7 @@ from esdwatch.monitor.distributed import Comm, checked_comm
 from esdwatch.monitor.exchange import DistributedCoordinator
 from esdwatch.monitor.options import MonitorOptions, takes_monitor_options
 from esdwatch.monitor.schedule import auto_interval
+from esdwatch.reporting.summary import run_summary
 from esdwatch.schema import Alarm
 
 log = logging.getLogger("esdwatch.monitor")
@@ -125,6 +126,7 @@ class Monitor:
         )
         self._started = False
         self._closed = False
+        self._finished = False  # the end-of-run summary is printed once
 
     # ------------------------------------------------------------------ what it holds
 
@@ -200,11 +202,7 @@ class Monitor:
     # ---------------------------------------------------------------------- stopping
 
     def stop_sync_due(self, global_step: int) -> bool:
-        """Whether the caller reduces the stop decision after ``step(global_step)``.
-
-        One process: every step (the reduction is local). Several: never; the monitor
-        reduces it at each exchange, on every rank.
-        """
+        """Whether the caller reduces the stop decision after ``step`` (one process); several ranks: at exchanges."""
         return not self.coordinator.reduces_stop
 
     def sync_stop(self) -> bool:
@@ -239,7 +237,7 @@ class Monitor:
         if self._started:
             return
         t0 = time.perf_counter()
-        self._started, self._closed = True, False
+        self._started, self._closed, self._finished = True, False, False
         outputs, schedule = self.parts.outputs, self.parts.schedule
         if outputs.resumed_from is None and (global_step > 0 if continuing is None else continuing) and global_step > 0:
             outputs.resumed_from = int(global_step)
@@ -252,7 +250,7 @@ class Monitor:
         if schedule.start_due(self.options.at_start, global_step, resuming=outputs.resumed_from is not None):
             schedule.last_due_step = 0
             self.coordinator.take_now(0, epoch, "start", stop=False)
-        self._note_busy()
+        self.parts.note_busy()
         self.stats["hook_s"] += time.perf_counter() - t0
         self.coordinator.raise_pending()
 
@@ -282,7 +280,7 @@ class Monitor:
                     self.coordinator.on_step(global_step, schedule.last_epoch)
                 schedule.last_step = global_step
         finally:
-            self._note_busy()
+            self.parts.note_busy()
             self.stats["hook_s"] += time.perf_counter() - t0
         self.coordinator.raise_pending()
         return self.should_stop
@@ -357,12 +355,16 @@ class Monitor:
             return
         schedule = self.parts.schedule
         step = schedule.last_step if global_step is None else global_step
+        already = self._finished
+        self._finished = True
         self.coordinator.finish(
             step,
             schedule.last_epoch if epoch is None else epoch,
             self.drain,
             at_end=self.options.at_end and self.model is not None,
         )
+        if self.is_writer and self.options.verbose and not already:
+            print_run_summary(self)
         self.coordinator.raise_pending()
 
     def close(self, final: bool = True) -> None:
@@ -420,13 +422,6 @@ class Monitor:
         self.parts.runtime.close()
         self.parts.outputs.close()
 
-    def _note_busy(self) -> None:
-        """Whether analysis work (or a worker process's start-up) runs alongside the step that starts now."""
-        runtime = self.parts.runtime
-        self.parts.budget.note_busy(
-            runtime.in_flight > 0 or runtime.starting, runtime.starting and runtime.in_flight == 0
-        )
-
     def __enter__(self) -> Monitor:
         self.start()
         return self
@@ -477,3 +472,23 @@ class Monitor:
         p.outputs.previous_dir = state.get("output_dir")
         if self._started:
             p.outputs.open()
+
+
+def print_run_summary(mon: Monitor) -> None:
+    """Print the end-of-run summary (:func:`esdwatch.reporting.summary.run_summary`) of ``mon``."""
+    p = mon.parts
+    try:
+        text = run_summary(
+            list(p.publisher.latest.values()),
+            p.publisher.alarms,
+            snapshots=int(mon.stats["analysed"]),
+            skipped=int(mon.stats["skipped"]),
+            skipped_steps=mon.skipped_steps,
+            skipped_layers=p.snapshotter.skipped_layers,
+            records_path=p.outputs.records_path,
+            failures=mon.coordinator.layer_failures,
+        )
+    except Exception:  # a summary is a convenience: never fail the end of training for it
+        log.exception("esdwatch: could not print the end-of-run summary")
+        return
+    print(text, flush=True)

@@ -244,6 +244,8 @@ class MonitorOptions:
             esdwatch/<name>/, summary keys and logger tags esdwatch/<name>/...).
         sinks: extra sinks (objects with write(records, step), alarm(alarm), close()).
         strict: re-raise analysis, sink and alarm-action failures in the training loop.
+        verbose: print a summary when training ends (the last snapshot's layers with phase,
+            alpha and alarms; the alarms by kind; what was skipped; where the records are).
         selection: which matrices are watched (LayerSelection).
         analysis: what is computed for each matrix (AnalysisOptions).
         execution: how the background analysis runs (ExecutionOptions).
@@ -265,6 +267,7 @@ class MonitorOptions:
     name: str | None = None
     sinks: list[Any] | None = None
     strict: bool = False
+    verbose: bool = True
     selection: LayerSelection = field(default_factory=LayerSelection)
     analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
     execution: ExecutionOptions = field(default_factory=ExecutionOptions)

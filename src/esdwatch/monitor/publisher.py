@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from esdwatch.alarms.actions import run_action
+from esdwatch.alarms.actions import run_actions
 from esdwatch.alarms.policy import AlarmPolicy
 from esdwatch.monitor.faults import Faults
 from esdwatch.monitor.outputs import Outputs
@@ -52,23 +52,20 @@ class Publisher:
             except Exception as exc:
                 fired = []
                 self.faults.internal_error("evaluating the alarms", step, exc)
+            self.alarms.extend(fired)
             for alarm in fired:
-                self._fire(alarm)
+                self.outputs.alarm(alarm)
+            run_actions(
+                fired,
+                self.policy.action_for,
+                context=self.context,
+                request_stop=self.stop.request,
+                on_failure=self.faults.fail,
+            )
         self.latest = {r.name: r for r in records}
         self.latest_step = step
         self.latest_summary = summarize([r.report for r in records])
         self.summary_fresh = True
-
-    def _fire(self, alarm: Alarm) -> None:
-        self.alarms.append(alarm)
-        self.outputs.alarm(alarm)
-        run_action(
-            self.policy.action_for(alarm.kind),
-            alarm,
-            context=self.context,
-            request_stop=self.stop.request,
-            on_failure=self.faults.fail,
-        )
 
     def pop_summary(self) -> dict[str, float] | None:
         """The latest summary, once per published snapshot (else None)."""

@@ -26,6 +26,7 @@ from esdwatch.monitor.distributed import ShardPlan, plan_snapshot
 from esdwatch.monitor.faults import Faults
 from esdwatch.monitor.snapshot import BufferPool, take_snapshot
 from esdwatch.monitor.worker import Job
+from esdwatch.schema import SkippedLayer
 
 log = logging.getLogger("esdwatch.monitor")
 
@@ -67,6 +68,8 @@ class Snapshotter:
         self.mode: str | None = None
         #: the latest snapshot's owner rank of each layer
         self.owners: dict[str, int] = {}
+        #: the matrices the latest snapshot found but did not analyse, and why
+        self.skipped_layers: list[SkippedLayer] = []
 
     def take(
         self,
@@ -89,6 +92,7 @@ class Snapshotter:
             self.faults.internal_error("discovering the layers", step, exc)
             return Taken(Outcome.FAILED)
         self._note_mode(plan)
+        self.skipped_layers = list(plan.skipped)
         if not plan.names:
             self._warn_empty(plan, step)
             return Taken(Outcome.EMPTY, plan)

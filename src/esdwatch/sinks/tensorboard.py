@@ -190,6 +190,8 @@ class TensorBoardSink(DashboardSink):
         )
         self.text = text
         self.custom_scalars = custom_scalars
+        self._alarm_step: int | None = None  # the step whose alarms _alarm_lines holds
+        self._alarm_lines: list[str] = []
 
     # ------------------------------------------------------------------ plumbing
 
@@ -268,12 +270,16 @@ class TensorBoardSink(DashboardSink):
 
     def alarm(self, alarm: Alarm) -> None:
         step = self._step(alarm.step)
-        value = "-" if alarm.value is None or not math.isfinite(float(alarm.value)) else f"{float(alarm.value):.4g}"
-        text = (
+        value, threshold = (_number(v, ".4g") for v in (alarm.value, alarm.threshold))
+        line = (
             f"**{alarm.severity} `{alarm.kind}`** at step {alarm.step if alarm.step is not None else '?'}, "
-            f"layer `{alarm.layer}`: {alarm.message} (value {value}, threshold {alarm.threshold:g})"
+            f"layer `{alarm.layer}`: {alarm.message} (value {value}, threshold {threshold})"
         )
-        self.writer.add_text(f"{self.prefix}/alarms", text, global_step=step)
+        # TensorBoard shows one text per tag and step: every alarm of the step goes into it
+        if step != self._alarm_step:
+            self._alarm_step, self._alarm_lines = step, []
+        self._alarm_lines.append(line)
+        self.writer.add_text(f"{self.prefix}/alarms", "\n\n".join(self._alarm_lines), global_step=step)
         self._flush()
 
     def close(self) -> None:
@@ -292,3 +298,12 @@ class TensorBoardSink(DashboardSink):
         return (
             f"TensorBoardSink({type(self.writer).__name__}, prefix={self.prefix!r}, figure_every={self.figure_every})"
         )
+
+
+def _number(value: object, spec: str) -> str:
+    """A finite number formatted with ``spec``; ``-`` for a missing or non-finite one (a transition's threshold)."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "-"
+    return format(v, spec) if math.isfinite(v) else "-"
