@@ -5,7 +5,7 @@ What is pending (copied, not yet analysed) is bounded by bytes (``max_pending_by
 default a quarter of the available memory, at most 4 GiB), not by a count of one: a worker
 that falls behind for a while catches up instead of dropping snapshots. A snapshot that does
 not fit is skipped with ``on_backpressure="skip"``, counted in ``stats["skipped"]`` and listed
-with its reason in ``skipped.jsonl``.
+with its reason in ``skipped_snapshots.jsonl``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_the_defaults_keep_every_scheduled_snapshot(tmp_path):
     print(f"scheduled 6, written {len(steps)}: {steps}, skipped {mon.stats['skipped']}")
     assert steps == [5, 10, 15, 20, 25, 30]
     assert mon.stats["skipped"] == 0 and mon.stats["snapshots"] == mon.stats["analysed"] == 6
-    assert not (tmp_path / "esdwatch" / "skipped.jsonl").exists()
+    assert not (tmp_path / "esdwatch" / "skipped_snapshots.jsonl").exists()
 
 
 class _Gate:
@@ -84,7 +84,7 @@ def test_past_the_budget_a_snapshot_is_skipped_counted_and_listed_with_its_reaso
     mon.close()
     assert mon.stats["snapshots"] == 2 and mon.stats["skipped"] == 4
     assert mon.skipped_steps == [3, 4, 5, 6]
-    lines = [json.loads(x) for x in (tmp_path / "esdwatch" / "skipped.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "esdwatch" / "skipped_snapshots.jsonl").read_text().splitlines()]
     assert [d["global_step"] for d in lines] == [3, 4, 5, 6]
     assert all("2 snapshot(s)" in d["reason"] and "max_pending_bytes" in d["reason"] for d in lines), lines
     assert sorted({r.global_step for r in read_records(tmp_path)}) == [1, 2]

@@ -60,3 +60,16 @@ def test_a_trainer_prints_the_summary_once_at_the_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("esdwatch: 3 snapshot(s) analysed; the last at step 10:") == 1
     assert "net.0" in out and "net.2" in out and "alarms:" in out
+
+
+def test_every_matrix_not_analysed_is_listed_once_with_its_reason(tmp_path):
+    import json
+
+    mon = Monitor(_mlp(), every_n_steps=1, log_dir=tmp_path, verbose=False, **OPTS)
+    for step in range(1, 5):
+        mon.step(step)
+    mon.close()
+    lines = [json.loads(x) for x in (tmp_path / "esdwatch" / "skipped_layers.jsonl").read_text().splitlines()]
+    # the 4x32 head, once (the set of skipped matrices never changed)
+    assert [(d["global_step"], d["name"], d["shape"]) for d in lines] == [(1, "4", [4, 32])]
+    assert "min_evals" in lines[0]["reason"]

@@ -91,7 +91,9 @@ SEGMENTS_FILE = "segments.jsonl"
 SPECTRA_FILE = "spectra.jsonl"
 DISTRIBUTED_FILE = "distributed.jsonl"
 #: one line per scheduled snapshot that was not taken: global_step, segment, reason
-SKIPPED_FILE = "skipped.jsonl"
+SKIPPED_SNAPSHOTS_FILE = "skipped_snapshots.jsonl"
+#: one line per matrix found but not analysed, when the set changes: global_step, segment, name, kind, shape, reason
+SKIPPED_LAYERS_FILE = "skipped_layers.jsonl"
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)

@@ -13,7 +13,7 @@ Backpressure: what is in flight (copied, not yet handed back) is bounded by byte
 ``max_pending_bytes`` (and by a count if ``max_pending`` is set; one snapshot always fits:
 :meth:`~esdwatch.monitor.runtime.AnalysisRuntime.has_room`). A snapshot that does not fit
 is skipped with ``"skip"``: counted (``stats["skipped"]``, :attr:`Coordinator.skipped_steps`),
-listed with its reason in ``skipped.jsonl`` and warned about once; ``"block"`` makes the
+listed with its reason in ``skipped_snapshots.jsonl`` and warned about once; ``"block"`` makes the
 training thread wait for room, at most ``drain_timeout``. The final (``at_end``) snapshot
 always waits.
 """
@@ -200,8 +200,8 @@ class Coordinator(abc.ABC):
         self.p.faults.warn_once(
             "backpressure",
             f"esdwatch: the analysis worker is behind; skipped the snapshot at step {step}: {reason}. Skipped "
-            f"snapshots are counted in stats['skipped'] and listed with their reason in skipped.jsonl; snapshot "
-            f"less often (every_n_steps='auto' follows the worker's pace), raise max_pending_bytes, or use "
+            f"snapshots are counted in stats['skipped'] and listed with their reason in skipped_snapshots.jsonl; "
+            f"snapshot less often (every_n_steps='auto' follows the worker's pace), raise max_pending_bytes, or use "
             f"on_backpressure='block'{nice}.",
         )
 
@@ -300,6 +300,8 @@ class LocalCoordinator(Coordinator):
             self._count_skip(step, runtime.room_shortage(need))
             return False
         taken = self.p.snapshotter.take(model, root, step, epoch, self.seq, pool, runtime.submit)
+        if taken.plan is not None:
+            self.p.outputs.skipped_layers(step, taken.plan.skipped)
         if taken.outcome is Outcome.EMPTY:
             self._empty(step)
         if taken.outcome is not Outcome.SUBMITTED:

@@ -174,6 +174,8 @@ class DistributedCoordinator(Coordinator):
         seq = self.seq
         wall_time = time.time()
         taken = self.p.snapshotter.take(model, root, step, epoch, seq, pool, self.p.runtime.submit)
+        if taken.plan is not None:
+            self.p.outputs.skipped_layers(step, taken.plan.skipped)
         if taken.outcome is Outcome.EMPTY:
             self._empty(step)
         if taken.outcome in (Outcome.EMPTY, Outcome.FAILED) or taken.plan is None:

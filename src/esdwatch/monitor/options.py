@@ -178,7 +178,7 @@ class ExecutionOptions:
             device="cuda"), at most 4 GiB. One snapshot is always allowed, whatever its size.
         on_backpressure: when a scheduled snapshot does not fit (the worker is behind by more
             than the budget): "skip" (skip it, count it in stats["skipped"] and note it with its
-            reason in skipped.jsonl) or "block" (wait for room, at most drain_timeout).
+            reason in skipped_snapshots.jsonl) or "block" (wait for room, at most drain_timeout).
         drain_timeout: seconds to wait for pending analyses at the end, at a checkpoint and
             after an exception (None: no limit).
         worker_nice: niceness added to the worker (0: share the cores fairly; a niced worker

@@ -23,7 +23,7 @@ from typing import Any
 
 from esdwatch.monitor.faults import Faults
 from esdwatch.rundir import RECORDS_FILE, copy_run, next_segment
-from esdwatch.schema import Alarm, LayerRecord
+from esdwatch.schema import Alarm, LayerRecord, SkippedLayer
 from esdwatch.sinks.jsonl import JsonlSink
 from esdwatch.sinks.spectra import SpectraSink
 
@@ -48,6 +48,7 @@ class Outputs:
         self.previous_dir: str | None = None
         self._jsonl: JsonlSink | None = None
         self._disk_refuses = False  # the last write to the run directory failed
+        self._skipped_names: tuple[str, ...] = ()  # the matrices skipped at the last snapshot, as written
 
     @property
     def records_path(self) -> Path | None:
@@ -143,9 +144,19 @@ class Outputs:
             self.call(sink, "alarm", functools.partial(sink.alarm, alarm))
 
     def skipped(self, info: dict[str, Any]) -> None:
-        """A scheduled snapshot that was not taken, and why (``skipped.jsonl``)."""
+        """A scheduled snapshot that was not taken, and why (``skipped_snapshots.jsonl``)."""
         if self._jsonl is not None:
             self._to_disk(functools.partial(self._jsonl.skipped, info))
+
+    def skipped_layers(self, step: int, skipped: Sequence[SkippedLayer]) -> None:
+        """The matrices found but not analysed, and why (``skipped_layers.jsonl``), when the set changes."""
+        names = tuple(s.name for s in skipped)
+        if self._jsonl is None or names == self._skipped_names:
+            return
+        self._skipped_names = names
+        rows = [{"global_step": step, "segment": self.segment, **s.to_dict()} for s in skipped]
+        if rows:
+            self._to_disk(functools.partial(self._jsonl.skipped_layers, rows))
 
     def distributed(self, info: dict[str, Any]) -> None:
         """Which rank analysed which layer of one snapshot (``distributed.jsonl``)."""

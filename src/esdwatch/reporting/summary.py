@@ -83,7 +83,11 @@ def run_summary(
     last = max((r.global_step for r in records), default=None)
     lines = [
         f"esdwatch: {snapshots} snapshot(s) analysed"
-        + (f", {skipped} skipped (steps {_steps(skipped_steps)}; reasons in skipped.jsonl)" if skipped else "")
+        + (
+            f", {skipped} skipped (steps {_steps(skipped_steps)}; reasons in skipped_snapshots.jsonl)"
+            if skipped
+            else ""
+        )
         + (f"; the last at step {last}:" if last is not None else "; no snapshot was analysed.")
     ]
     if records:

@@ -20,7 +20,8 @@ from esdwatch.rundir import (
     DISTRIBUTED_FILE,
     RECORDS_FILE,
     SEGMENTS_FILE,
-    SKIPPED_FILE,
+    SKIPPED_LAYERS_FILE,
+    SKIPPED_SNAPSHOTS_FILE,
     alarm_line,
     copy_history,
     dump_lines,
@@ -135,8 +136,12 @@ class JsonlSink:
         self._append(DISTRIBUTED_FILE, dump_lines([dict(info)]))
 
     def skipped(self, info: Mapping[str, Any]) -> None:
-        """Append a scheduled snapshot that was not taken, with its reason, to ``skipped.jsonl``."""
-        self._append(SKIPPED_FILE, dump_lines([dict(info)]))
+        """Append a scheduled snapshot that was not taken, with its reason, to ``skipped_snapshots.jsonl``."""
+        self._append(SKIPPED_SNAPSHOTS_FILE, dump_lines([dict(info)]))
+
+    def skipped_layers(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Append the matrices a snapshot found but did not analyse, and why, to ``skipped_layers.jsonl``."""
+        self._append(SKIPPED_LAYERS_FILE, dump_lines(dict(r) for r in rows))
 
     def alarm(self, alarm: Alarm) -> None:
         self._append(ALARMS_FILE, dump_lines([alarm_line(alarm, self.segment)]))
