@@ -260,8 +260,9 @@ def test_fast_dev_run_and_sanity_checks_take_no_snapshot(tmp_path):
 
 
 def test_two_named_monitors_coexist_pickle_cleanly_and_checkpoint_their_state(tmp_path):
-    a = ESDMonitor(every_n_steps=3, name="a", layers="net.0", on_backpressure="block", **OPTS)
-    b = ESDMonitor(every_n_steps=4, name="b", layers="net.2", on_backpressure="block", **OPTS)
+    # one snapshot in flight, block: step 6 waits for step 3's result, so a summary is logged during fit
+    a = ESDMonitor(every_n_steps=3, name="a", layers="net.0", on_backpressure="block", max_pending=1, **OPTS)
+    b = ESDMonitor(every_n_steps=4, name="b", layers="net.2", on_backpressure="block", max_pending=1, **OPTS)
     assert a.state_key != b.state_key and "name': 'a'" in a.state_key
     assert pickle.loads(pickle.dumps(a)).state_key == a.state_key  # ddp_spawn pickles callbacks
     trainer = _trainer(tmp_path, [a, b], max_steps=8)

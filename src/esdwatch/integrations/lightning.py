@@ -63,10 +63,12 @@ import importlib
 import logging
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 from esdwatch.monitor import Monitor
 from esdwatch.monitor.options import FrameworkOptions, MonitorOptions, takes_monitor_options
+from esdwatch.rundir import run_dir
 from esdwatch.sinks.factory import check_sink_options, shell_sinks
 
 log = logging.getLogger("esdwatch.integrations.lightning")
@@ -147,18 +149,12 @@ class ESDMonitorBase:
 
     @staticmethod
     def _resolve_log_dir(trainer: Any) -> str:
-        """First logger's ``log_dir`` or ``save_dir``, else ``default_root_dir`` (call on every rank)."""
+        """The run's own directory: the first logger's ``log_dir``, else its ``save_dir/<version>`` (W&B: the run
+        id, so two runs never share a directory), else ``default_root_dir`` (call on every rank)."""
         path = None
         loggers = list(getattr(trainer, "loggers", None) or [])
         if loggers:
-            first = loggers[0]
-            for attr in ("log_dir", "save_dir"):
-                try:
-                    path = getattr(first, attr, None)
-                except Exception:  # a logger property that cannot be computed here
-                    path = None
-                if path:
-                    break
+            path = _logger_dir(loggers[0])
         if not path:
             path = trainer.default_root_dir
         strategy = getattr(trainer, "strategy", None)
@@ -174,26 +170,26 @@ class ESDMonitorBase:
         loggers = list(getattr(trainer, "loggers", None) or [])
         return shell_sinks(loggers, name=self.name, sink_options=self.framework.sink_options)
 
-    def _check_distinct(self, trainer: Any) -> None:
+    def _check_distinct(self, trainer: Any, default_dir: str) -> None:
         """Refuse a second monitor that would write to this one's output directory.
 
-        Two unnamed monitors with the same ``log_dir`` (Lightning accepts them when other
-        arguments make their ``state_key`` differ) would share ``esdwatch/records.jsonl``:
-        the second opens it as a fresh run segment, which supersedes every record of the
-        first for every reader, and their logger tags would collide too. Raised on every
-        rank, at ``setup``, before anything is written.
+        Two monitors whose directories resolve to the same path (the same ``log_dir``, or a
+        relative and an absolute spelling of it, or a ``log_dir`` equal to the default)
+        would share ``records.jsonl``: the second opens it as a fresh run segment, which
+        supersedes every record of the first for every reader, and their logger tags would
+        collide too. Raised on every rank, at ``setup``, before anything is written.
         """
 
-        def where(cb: ESDMonitorBase) -> tuple[str | None, str | None]:
-            return (None if cb.log_dir is None else str(cb.log_dir).rstrip("/"), cb.name)
+        def where(cb: ESDMonitorBase) -> Path:
+            return run_dir(Path(cb.log_dir or default_dir).resolve(), cb.name)
 
         mine = where(self)
         for cb in getattr(trainer, "callbacks", None) or []:
             if cb is not self and isinstance(cb, ESDMonitorBase) and where(cb) == mine:
                 raise ValueError(
-                    f"esdwatch: two ESDMonitor callbacks would write to the same output directory "
-                    f"(log_dir={mine[0]!r}, name={mine[1]!r}) and to the same logger tags; give each a distinct "
-                    f"name= (records go to <log_dir>/esdwatch/<name>/, tags to esdwatch/<name>/...)"
+                    f"esdwatch: two ESDMonitor callbacks would write to the same output directory ({mine}) and to "
+                    f"the same logger tags; give each a distinct name= (records go to <log_dir>/esdwatch/<name>/, "
+                    f"tags to esdwatch/<name>/...)"
                 )
 
     def _active(self, trainer: Any) -> bool:
@@ -242,13 +238,14 @@ class ESDMonitorBase:
         if self._monitor is not None:  # a previous fit that never tore down
             self._monitor.close(final=False)
             self._monitor = None
-        self._check_distinct(trainer)
         self._disabled = bool(getattr(trainer, "fast_dev_run", False))
         if self._disabled:
             if getattr(trainer, "is_global_zero", True):
                 log.info("esdwatch: fast_dev_run is set: ESDMonitor does nothing in this run")
             return
-        log_dir = self.log_dir or self._resolve_log_dir(trainer)
+        default_dir = self._resolve_log_dir(trainer)  # a collective under DDP: every rank, every callback
+        self._check_distinct(trainer, default_dir)
+        log_dir = self.log_dir or default_dir
         rank = int(getattr(trainer, "global_rank", 0))
         sinks = list(self.options.sinks or [])
         if self.framework.logger_sinks and rank == 0:
@@ -350,6 +347,21 @@ class ESDMonitorBase:
             self._monitor.load_state_dict(state_dict)
         else:
             self._pending_state = dict(state_dict)
+
+
+def _logger_dir(logger: Any) -> str | None:
+    """A logger's run directory: ``log_dir``, else ``save_dir/<version>`` (a W&B run's id), else ``save_dir``."""
+    try:
+        path = getattr(logger, "log_dir", None)
+        if path:
+            return str(path)
+        save_dir = getattr(logger, "save_dir", None)
+        version = getattr(logger, "version", None)
+    except Exception:  # a logger property that cannot be computed here
+        return None
+    if save_dir and version not in (None, ""):
+        return str(Path(save_dir) / (version if isinstance(version, str) else f"version_{version}"))
+    return str(save_dir) if save_dir else None
 
 
 def _summary_watchers(trainer: Any, prefix: str) -> list[str]:

@@ -88,6 +88,14 @@ class Outputs:
         segment = next_segment(out)
         if self.resumed_from is not None:
             segment = max(segment, self.segment)
+        elif segment > 0:
+            log.warning(
+                "esdwatch: %s already holds the records of an earlier run; this fresh run writes segment %d, and "
+                "readers (esdwatch report, read_records) show only its records from now on (the earlier ones stay "
+                "in the file: read_records(..., dedupe=False)). Give each run its own log_dir or name to keep both.",
+                out,
+                segment,
+            )
         self.segment = self._jsonl.segment = segment
         self._jsonl.open()
 
