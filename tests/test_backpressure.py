@@ -100,3 +100,19 @@ def test_one_snapshot_is_always_allowed_whatever_its_size(tmp_path):
 def test_the_default_budget_is_a_quarter_of_the_available_memory_capped():
     budget = default_pending_budget(on_gpu=False)
     assert 0 < budget <= DEFAULT_BUDGET_CAP
+
+
+def test_counts_are_exact_when_the_final_snapshot_takes_a_skipped_step(tmp_path):
+    gate = _Gate()
+    model = _three_layer_net()
+    mon = Monitor(model, every_n_steps=2, log_dir=tmp_path, analyze_fn=gate, max_pending=1, **OPTS)
+    for step in range(1, 7):
+        mon.step(step)  # step 2 is taken; 4 and 6 are skipped while it is held
+    assert mon.skipped_steps == [4, 6]
+    gate.open.set()
+    mon.close()  # at_end takes step 6 after all
+    written = sorted({r.global_step for r in read_records(tmp_path)})
+    assert written == [2, 6] and mon.skipped_steps == [4] and mon.stats["skipped"] == 1
+    assert len(written) + mon.stats["skipped"] == 3  # every scheduled step is either written or counted
+    lines = [json.loads(x) for x in (tmp_path / "esdwatch" / "skipped_snapshots.jsonl").read_text().splitlines()]
+    assert [(d["global_step"], d.get("taken_after_all", False)) for d in lines] == [(4, False), (6, False), (6, True)]

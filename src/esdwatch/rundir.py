@@ -90,7 +90,8 @@ ALARMS_FILE = "alarms.jsonl"
 SEGMENTS_FILE = "segments.jsonl"
 SPECTRA_FILE = "spectra.jsonl"
 DISTRIBUTED_FILE = "distributed.jsonl"
-#: one line per scheduled snapshot that was not taken: global_step, segment, reason
+#: one line per scheduled snapshot that was not taken: global_step, segment, reason; a later line with
+#: ``taken_after_all: true`` cancels it (the final snapshot took that step)
 SKIPPED_SNAPSHOTS_FILE = "skipped_snapshots.jsonl"
 #: one line per matrix found but not analysed, when the set changes: global_step, segment, name, kind, shape, reason
 SKIPPED_LAYERS_FILE = "skipped_layers.jsonl"

@@ -209,6 +209,10 @@ class Coordinator(abc.ABC):
         """Bookkeeping of a snapshot taken (submitted here, or on another rank)."""
         self._copy_s[seq] = taken.copy_s
         self._next_nbytes = taken.nbytes
+        if self.skipped_steps and self.skipped_steps[-1] == step:  # e.g. the at_end snapshot of a skipped last step
+            self.skipped_steps.pop()
+            self.p.stats["skipped"] -= 1
+            self.p.outputs.skipped({"global_step": step, "segment": self.p.outputs.segment, "taken_after_all": True})
         self.p.schedule.taken(step)
         self.snapshots += 1
         stats = self.p.stats
