@@ -326,7 +326,7 @@ def main() -> None:
         flush=True,
     )
 
-    nice = Monitor().worker_nice
+    nice = Monitor().options.execution.worker_nice
     fixed = [
         Config("none"),
         Config(f"thread (default, nice={nice})", "thread", nice),
