@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
+from _processes import run_bounded
 
 L = pytest.importorskip("lightning.pytorch")
 dist = pytest.importorskip("torch.distributed")
@@ -293,21 +293,13 @@ def _run_auto(out: str) -> None:
 def _spawn(scenario: str, tmp_path: Path) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
+    returncode, out = run_bounded(
         [sys.executable, __file__, scenario, str(tmp_path)],
         env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        timeout_s=TIMEOUT_S,
+        what=f"the ddp_spawn run ({scenario})",
     )
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the ddp_spawn run ({scenario}) did not finish within {TIMEOUT_S} s (deadlock?):\n{out[-4000:]}")
-    assert proc.returncode == 0, out[-6000:]
+    assert returncode == 0, out[-6000:]
     return time.perf_counter() - t0
 
 

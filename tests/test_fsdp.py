@@ -15,9 +15,7 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import socket
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
+from _processes import run_bounded
 
 dist = pytest.importorskip("torch.distributed")
 
@@ -170,22 +170,14 @@ def _free_port() -> int:
 
 def _spawn(kind: str, tmp_path: Path) -> tuple[dict, dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(
+    returncode, out = run_bounded(
         [sys.executable, __file__, kind, str(tmp_path), str(_free_port())],
         env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        timeout_s=TIMEOUT_S,
+        what=f"the 2-process {kind} run",
     )
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the 2-process {kind} run did not finish within {TIMEOUT_S} s (deadlock?):\n{out[-4000:]}")
     written = all((tmp_path / f"rank{r}.json").exists() for r in (0, 1))
-    if proc.returncode != 0 and written and TEARDOWN_ABORT in out:
+    if returncode != 0 and written and TEARDOWN_ABORT in out:
         # both ranks finished their work (results are written just before the final barrier)
         # and one then died in gloo's C++ teardown, a torch flake (seen once in ~30 runs)
         # that comes after everything this test checks
@@ -193,7 +185,7 @@ def _spawn(kind: str, tmp_path: Path) -> tuple[dict, dict]:
             f"{kind}: a rank aborted in gloo teardown after writing its results", RuntimeWarning, stacklevel=2
         )
     else:
-        assert proc.returncode == 0, out[-6000:]
+        assert returncode == 0, out[-6000:]
     return tuple(json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]
 
 

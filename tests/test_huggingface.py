@@ -11,13 +11,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from _processes import run_bounded
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
@@ -444,21 +445,10 @@ def test_ddp_two_processes_share_the_layers_match_one_process_and_stop_together(
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.Popen(
-        [*cmd, __file__, "ddp", str(tmp_path)],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    returncode, output = run_bounded(
+        [*cmd, __file__, "ddp", str(tmp_path)], env=env, timeout_s=DDP_TIMEOUT_S, what="the 2-process run"
     )
-    try:
-        output, _ = proc.communicate(timeout=DDP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the 2-process run did not finish within {DDP_TIMEOUT_S} s (deadlock?):\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-6000:]
+    assert returncode == 0, output[-6000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     owners = _owners()
     layer = next(n for n, r in owners.items() if r == 1)
