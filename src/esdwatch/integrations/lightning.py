@@ -272,8 +272,9 @@ class ESDMonitorBase:
         if mon is None or not self._active(trainer):
             return
         mon.start(trainer.global_step, trainer.current_epoch)
-        if trainer.global_step == 0 and not mon.latest_summary and _summary_watchers(trainer, mon.summary_prefix):
-            self._baseline(mon, _summary_watchers(trainer, mon.summary_prefix))
+        watchers = _summary_watchers(trainer, mon.summary_prefix)
+        if trainer.global_step == 0 and not mon.latest_summary and watchers:
+            self._baseline(mon, watchers)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         # the latest averages, logged from the epoch's start: a checkpoint or early-stopping callback
