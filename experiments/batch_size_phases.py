@@ -21,6 +21,7 @@ correlations of each with the batch size.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from collections.abc import Sequence
@@ -48,24 +49,17 @@ def settings(mode: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = C.parser(__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
-    ap.add_argument("--batches", type=int, nargs="+", default=None, help="override the batch sizes")
-    args = ap.parse_args(argv)
-    mode = C.mode_of(args)
+    def add_args(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
+        ap.add_argument("--batches", type=int, nargs="+", default=None, help="override the batch sizes")
+
+    run = C.begin(NAME, __doc__, "Experiment 2: the batch size drives the phase of training", argv, add_args=add_args)
+    args, mode, res, logs = run.args, run.mode, run.res, run.logs
     cfg = settings(mode)
     if args.epochs:
         cfg["epochs"] = args.epochs
     if args.batches:
         cfg["batches"] = sorted(args.batches)
-    C.setup_torch(args)
-    res = C.Results(
-        NAME,
-        args,
-        "Experiment 2: the batch size drives the phase of training",
-        C.command_line("batch_size_phases.py", argv),
-    )
-    logs = C.LogRoot(args.log_dir, NAME)
     runs: dict[int, C.Run] = {}
     try:
         xtr, ytr, xte, yte = C.digits(seed=args.seed, images=True)

@@ -585,3 +585,39 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
     args = list(sys.argv[1:] if argv is None else argv)
     shown = [a for a in args]
     return " ".join(["python", f"experiments/{script}", *shown])
+
+
+@dataclass
+class Session:
+    """What every experiment's ``main`` starts with: its parsed options, mode, result file and log root."""
+
+    args: argparse.Namespace
+    mode: str
+    res: Results
+    logs: LogRoot
+
+
+def begin(
+    name: str,
+    doc: str,
+    title: str,
+    argv: Sequence[str] | None,
+    *,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    provenance: str | None = None,
+    env_prefix: str = "",
+) -> Session:
+    """Parse the common options (and ``add_args``' own), seed torch, open the result file and log root.
+
+    ``doc`` is the experiment's module docstring (its first paragraph becomes ``--help``); the
+    command line recorded in the result file is ``experiments/<name>.py`` with ``argv``.
+    """
+    ap = parser(doc.split("\n\n")[0])
+    if add_args is not None:
+        add_args(ap)
+    args = ap.parse_args(argv)
+    mode = mode_of(args)
+    setup_torch(args)
+    command = env_prefix + command_line(f"{name}.py", argv)
+    res = Results(name, args, title, command, provenance=provenance)
+    return Session(args, mode, res, LogRoot(args.log_dir, name))

@@ -121,18 +121,9 @@ def top_singular(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = C.parser(__doc__.split("\n\n")[0])
-    args = ap.parse_args(argv)
-    mode = C.mode_of(args)
+    run = C.begin(NAME, __doc__, "Experiment 3: heavy tails without gradient noise (full-batch GD and Adam)", argv)
+    args, mode, res, logs = run.args, run.mode, run.res, run.logs
     cfg = settings(mode)
-    C.setup_torch(args)
-    res = C.Results(
-        NAME,
-        args,
-        "Experiment 3: heavy tails without gradient noise (full-batch GD and Adam)",
-        C.command_line("crafting_heavy_tails.py", argv),
-    )
-    logs = C.LogRoot(args.log_dir, NAME)
     results: dict[tuple[str, float], dict] = {}
     try:
         (xtr, ytr), probe, (xte, yte), beta = teacher_data(cfg["n"], cfg["d"], args.seed)

@@ -45,18 +45,9 @@ def settings(mode: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = C.parser(__doc__.split("\n\n")[0])
-    args = ap.parse_args(argv)
-    mode = C.mode_of(args)
+    run = C.begin(NAME, __doc__, "Experiment 1: entropy and stable-rank transition of a 3-layer MLP", argv)
+    args, mode, res, logs = run.args, run.mode, run.res, run.logs
     cfg = settings(mode)
-    C.setup_torch(args)
-    res = C.Results(
-        NAME,
-        args,
-        "Experiment 1: entropy and stable-rank transition of a 3-layer MLP",
-        C.command_line("mlp3_transition.py", argv),
-    )
-    logs = C.LogRoot(args.log_dir, NAME)
     try:
         xtr, ytr, xte, yte = C.digits(seed=args.seed)
         h = cfg["hidden"]

@@ -57,18 +57,14 @@ def settings(mode: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = C.parser(__doc__.split("\n\n")[0])
-    args = ap.parse_args(argv)
-    mode = C.mode_of(args)
-    cfg = settings(mode)
-    C.setup_torch(args)
-    res = C.Results(
+    run = C.begin(
         NAME,
-        args,
+        __doc__,
         "Experiment 4: model quality without data (Kendall tau of test accuracy vs spectral metrics)",
-        C.command_line("quality_without_data.py", argv),
+        argv,
     )
-    logs = C.LogRoot(args.log_dir, NAME)
+    args, mode, res, logs = run.args, run.mode, run.res, run.logs
+    cfg = settings(mode)
     models = []
     try:
         xtr, ytr, xte, yte = C.digits(seed=args.seed, images=True)
