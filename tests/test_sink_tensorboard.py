@@ -157,7 +157,8 @@ def test_layout_written_once_per_writer_and_steps_never_go_back(tmp_path, snapsh
     writer.close()
     ea = _load(tmp_path)
     layout = _layout(ea)  # exactly one layout event
-    assert [c.title for c in layout.category] == ["esdwatch: all layers", "esdwatch: model"]
+    assert [c.title for c in layout.category][1:] == ["esdwatch: all layers", "esdwatch: model"]
+    assert layout.category[0].title.startswith("esdwatch: phase per layer (0 Random-like, 1 Bleeding-out")
     assert {e.step for e in ea.Scalars("esdwatch/second/alpha/head")} == {10}
     (alarm_text,) = ea.Tensors("esdwatch/alarms/text_summary")
     assert alarm_text.step == 20  # clamped: TensorBoard drops data when a step goes back
@@ -205,8 +206,12 @@ def test_trainer_with_tensorboard_logger_writes_what_the_records_say(tmp_path):
         events = ea.Histograms(f"esdwatch/esd/{name}")
         assert [e.step for e in events] == steps
         assert all(sum(e.histogram_value.bucket) == 64 for e in events)
-    # default figure_every=10: the first snapshot, and the last one at the end of fit
-    assert [e.step for e in ea.Images("esdwatch/phase_map")] == [0, 20]
+    # default figure_every=10: the first snapshot, and the last one at the end of fit; the
+    # phase map also at each snapshot where a layer changed phase
+    phases = {(r.global_step, r.name): r.report.phase for r in records}
+    changed = [s for i, s in enumerate(steps) if i and any(phases[s, n] != phases[steps[i - 1], n] for n in names)]
+    assert [e.step for e in ea.Images("esdwatch/phase_map")] == sorted({0, 20, *changed})
+    assert [e.step for e in ea.Images("esdwatch/esd_figure/net.0")] == [0, 20]
     assert {f"esdwatch/esd_figure/{n}" for n in names} <= set(ea.Tags()["images"])
     charts = {c.title for cat in _layout(ea).category for c in cat.chart}
     assert {"alpha", "entropy", "mp_softrank"} <= charts
