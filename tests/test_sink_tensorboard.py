@@ -100,9 +100,9 @@ def test_scalars_histograms_figures_text_and_layout_read_back(tmp_path, snapshot
     assert {e.step: e.value for e in ea.Scalars("esdwatch/phase/encoder.0")} == {s: 0.0 for s in STEPS}
 
     # spectra: one histogram per layer per snapshot, esdwatch's log10 bins, every eigenvalue
-    assert sorted(ea.Tags()["histograms"]) == sorted(f"esdwatch/esd/{n}" for n in LAYERS)
+    assert sorted(ea.Tags()["histograms"]) == sorted(f"esdwatch/esd_log10_eigenvalues/{n}" for n in LAYERS)
     for name in LAYERS:
-        events = ea.Histograms(f"esdwatch/esd/{name}")
+        events = ea.Histograms(f"esdwatch/esd_log10_eigenvalues/{name}")
         assert [e.step for e in events] == list(STEPS)
         for e in events:
             rec = next(r for r in snapshots[e.step] if r.name == name)
@@ -203,7 +203,7 @@ def test_trainer_with_tensorboard_logger_writes_what_the_records_say(tmp_path):
     ea = _load(logger.log_dir)
     assert_scalars_equal_records(ea, records)
     for name in names:
-        events = ea.Histograms(f"esdwatch/esd/{name}")
+        events = ea.Histograms(f"esdwatch/esd_log10_eigenvalues/{name}")
         assert [e.step for e in events] == steps
         assert all(sum(e.histogram_value.bucket) == 64 for e in events)
     # default figure_every=10: the first snapshot, and the last one at the end of fit; the

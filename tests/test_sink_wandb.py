@@ -138,7 +138,7 @@ def test_offline_run_holds_scalars_spectra_figures_table_and_rate_limited_alerts
             assert it[f"esdwatch/mp_softrank/{rec.name}"] == pytest.approx(r.mp_softrank, rel=1e-12)
             assert it[f"esdwatch/phase/{rec.name}"] == Phase.parse(r.phase).order
             assert f"esdwatch/num_traps/{rec.name}" not in it  # not computed (traps off): not logged
-            key = f"esdwatch/esd/{rec.name}"
+            key = f"esdwatch/esd_log10_eigenvalues/{rec.name}"
             assert it[f"{key}._type"] == "histogram"
             bins, values = it[f"{key}.bins"], it[f"{key}.values"]
             assert len(values) == 64 and len(bins) == 65 and sum(values) == 60
@@ -191,7 +191,7 @@ def test_close_logs_the_figures_of_the_last_snapshot_and_bins_are_capped(tmp_pat
     run.finish()
     items = history(inspect_run(run_dir))
     assert [it["trainer/global_step"] for it in items] == [0, 10, 10]
-    assert len(items[0]["esdwatch/esd/head.values"]) == MAX_HIST_BINS
+    assert len(items[0]["esdwatch/esd_log10_eigenvalues/head.values"]) == MAX_HIST_BINS
     assert "esdwatch/phase_map._type" in items[0] and "esdwatch/phase_map._type" not in items[1]
     assert items[2]["esdwatch/phase_map._type"] == "image-file"  # the final figures, at the last step
     assert not any(k.startswith("esdwatch/alpha/") for k in items[2])
@@ -236,8 +236,8 @@ def test_trainer_with_wandb_logger_offline(tmp_path):
     for it in items:
         for rec in (r for r in records if r.global_step == it["trainer/global_step"]):
             assert it[f"esdwatch/alpha/{rec.name}"] == pytest.approx(rec.report.alpha, rel=1e-12)
-            assert it[f"esdwatch/esd/{rec.name}._type"] == "histogram"
-            assert sum(it[f"esdwatch/esd/{rec.name}.values"]) == rec.report.num_evals
+            assert it[f"esdwatch/esd_log10_eigenvalues/{rec.name}._type"] == "histogram"
+            assert sum(it[f"esdwatch/esd_log10_eigenvalues/{rec.name}.values"]) == rec.report.num_evals
     # Lightning's own metrics share the trainer/global_step axis
     assert any("train/loss" in it and "trainer/global_step" in it for it in history(recs))
     # every alarm of the run is a row of the alarm table, logged once per snapshot that fired

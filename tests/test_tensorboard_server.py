@@ -110,7 +110,7 @@ def served(tmp_path_factory):
             lambda: (
                 {"esdwatch/alpha/net.0", "esdwatch/phase/net.2"}
                 <= set(server.json("/data/plugin/scalars/tags").get(RUN, {}))
-                and "esdwatch/esd/net.0" in server.json("/data/plugin/histograms/tags").get(RUN, {})
+                and "esdwatch/esd_log10_eigenvalues/net.0" in server.json("/data/plugin/histograms/tags").get(RUN, {})
                 and "esdwatch/phase_map" in server.json("/data/plugin/images/tags").get(RUN, {})
             ),
             "esdwatch's scalars, histograms and images",
@@ -156,9 +156,11 @@ def test_custom_scalars_layout_groups_all_layers(served):
 def test_histograms_dashboard_serves_the_spectra_per_snapshot(served):
     server, _ = served
     tags = server.json("/data/plugin/histograms/tags")[RUN]
-    assert {"esdwatch/esd/net.0", "esdwatch/esd/net.2"} <= set(tags)
+    assert {"esdwatch/esd_log10_eigenvalues/net.0", "esdwatch/esd_log10_eigenvalues/net.2"} <= set(tags)
     for name in ("net.0", "net.2"):
-        series = server.json("/data/plugin/histograms/histograms", run=RUN, tag=f"esdwatch/esd/{name}")
+        series = server.json(
+            "/data/plugin/histograms/histograms", run=RUN, tag=f"esdwatch/esd_log10_eigenvalues/{name}"
+        )
         assert [step for _wall, step, _buckets in series] == [0, 5, 10, 15]
         for _wall, _step, buckets in series:
             # [left, right, count] buckets over log10 eigenvalues: every one of the 64

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from esdwatch.schema import Alarm, LayerRecord, Log10Histogram, log10_histogram, phase_name
+from esdwatch.schema import PHASE_TRANSITION, Alarm, LayerRecord, Log10Histogram, log10_histogram, phase_name
 from esdwatch.sinks.tags import dashboard_tag, finite_value, prefix_for
 
 log = logging.getLogger("esdwatch.sinks")
@@ -56,19 +56,23 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "&#124;").replace("\n", " ")
 
 
-def _num(value: float | None) -> str:
-    return "" if value is None else format(value, ".4g")
-
-
 def alarms_markdown(alarms: Sequence[Alarm]) -> str:
-    """A markdown table of alarms (one row each, in the order given; empty cells for values that do not exist)."""
-    lines = ["| step | severity | kind | layer | value | threshold | message |", "|---:|---|---|---|---:|---:|---|"]
+    """A markdown list of one step's alarms, one line each in the order given (no step: the
+    dashboard shows it): ``- **severity** `kind`, layer `name`: message (value v, threshold t)``.
+
+    Only the numbers that exist are shown: a phase transition has no threshold, and its
+    value is the classifier's confidence.
+    """
+    lines = []
     for a in alarms:
-        step, severity, kind, layer, value, threshold, message = alarm_row(a)
-        lines.append(
-            f"| {'' if step is None else step} | {severity} | {_md(kind)} | {_md(layer)} | "
-            f"{_num(value)} | {_num(threshold)} | {_md(message)} |"
-        )
+        _, severity, kind, layer, value, threshold, message = alarm_row(a)
+        numbers = [
+            f"{'confidence' if kind == PHASE_TRANSITION else 'value'} {value:.4g}" if value is not None else "",
+            f"threshold {threshold:.4g}" if threshold is not None else "",
+        ]
+        shown = ", ".join(n for n in numbers if n)
+        tail = f" ({shown})" if shown else ""
+        lines.append(f"- **{severity}** `{kind}`, layer `{layer}`: {_md(message)}{tail}")
     return "\n".join(lines)
 
 

@@ -60,7 +60,7 @@ COUNT_METRICS: frozenset[str] = frozenset({"num_spikes", "num_traps"})
 #: histogram of log10 eigenvalues, its figure, the phase map, the per-layer table, the
 #: phase table (phase names and the step each phase began) and every alarm.
 DASHBOARD_TAGS: dict[str, str] = {
-    "esd": "esd",
+    "esd": "esd_log10_eigenvalues",
     "esd_figure": "esd_figure",
     "phase_map": "phase_map",
     "layers": "layers",

@@ -22,7 +22,7 @@ custom-scalars layout
     multi-line chart per metric with every layer, matched by tag regex so layers added
     later join the chart. TensorBoard smooths every line by default (the slider on the
     left): set it to 0 to see the phase steps unsmoothed.
-``<p>/esd/<layer>`` (histogram)
+``<p>/esd_log10_eigenvalues/<layer>`` (histogram)
     the histogram of log10 eigenvalues computed by esdwatch
     (:func:`~esdwatch.schema.log10_histogram`), written as ``add_histogram_raw`` writes
     it, plus a description (:data:`~esdwatch.sinks.tags.ESD_HISTOGRAM_DESCRIPTION`: the

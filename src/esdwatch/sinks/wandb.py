@@ -15,7 +15,7 @@ What a snapshot logs, in one ``run.log`` call:
 
 * the scalar keys of the TensorBoard sink (``<prefix>/<metric>/<layer>``, the phase as
   its ordinal, ``<prefix>/summary/<metric>``);
-* ``<prefix>/esd/<layer>``: ``wandb.Histogram`` of log10 eigenvalues (at most 512 bins,
+* ``<prefix>/esd_log10_eigenvalues/<layer>``: ``wandb.Histogram`` of log10 eigenvalues (at most 512 bins,
   W&B's limit; needs ``keep_evals=True`` on the monitor);
 * every ``figure_every`` snapshots (the first included, and at ``close()`` for the last
   one): ``<prefix>/esd_figure/<layer>`` and ``<prefix>/phase_map`` images and
