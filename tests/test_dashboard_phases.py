@@ -153,3 +153,22 @@ def test_a_phase_change_and_every_alarm_reach_tensorboard_and_wandb(tmp_path, of
     assert wrow[5] is None and not re.search("nan", wrow[6], re.I)
     # the phase map also where the phase changed
     assert [it["trainer/global_step"] for it in items if "esdwatch/phase_map._type" in it] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("n_layers, map_steps", [(32, [0, 1, 2]), (33, [0, 2])])
+def test_a_phase_change_redraws_the_map_at_once_in_models_of_at_most_32_layers(tmp_path, n_layers, map_steps):
+    from _sink_helpers import synthetic_snapshots
+    from esdwatch.schema import LayerRecord
+
+    (base,) = synthetic_snapshots({"w": "Random-like"}, (0,))[0]
+    writer = SummaryWriter(str(tmp_path))
+    sink = TensorBoardSink(writer, figure_every=10, esd_figures=False, histograms=False, text=False)
+    for step, phase in enumerate(["Random-like", "Heavy-Tailed", "Heavy-Tailed"]):
+        recs = [LayerRecord(step, 0, 0.0, base.report.replace(name=f"l{i}", phase=phase)) for i in range(n_layers)]
+        sink.write(recs, step)
+    sink.close()  # the last snapshot's figures
+    writer.close()
+    ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Images("esdwatch/phase_map")] == map_steps
+    assert sink.phase_spans["l0"] == ("Heavy-Tailed", 1, "Random-like")

@@ -29,6 +29,10 @@ log = logging.getLogger("esdwatch.sinks")
 
 __all__ = ["DashboardSink", "ALARM_COLUMNS", "PhaseSpan", "alarm_row", "alarms_markdown", "phases_markdown"]
 
+#: A phase change redraws the phase map at once in models of at most this many layers
+#: (one figure; the ESD figures of ``figure_every`` cost one per layer).
+PHASE_MAP_ON_CHANGE_MAX_LAYERS = 32
+
 #: Columns of the alarm table (W&B) and of the alarm text (TensorBoard).
 ALARM_COLUMNS: tuple[str, ...] = ("global_step", "severity", "kind", "layer", "value", "threshold", "message")
 
@@ -178,9 +182,12 @@ class DashboardSink:
         return out
 
     def _phase_map_due(self) -> bool:
-        """Whether a layer changed phase since the phase map was last drawn (the map is then
-        drawn at this snapshot too, whatever ``figure_every`` says: a change is what users look for)."""
-        return self.figures and self.phase_map and self._phases_changed
+        """Whether a layer changed phase since the phase map was last drawn, in a model of at
+        most :data:`PHASE_MAP_ON_CHANGE_MAX_LAYERS` layers (the map is then drawn at this
+        snapshot too, whatever ``figure_every`` says: a change is what users look for; a
+        larger model's map, slower to draw on the training thread, keeps the cadence)."""
+        small = len(self._latest) <= PHASE_MAP_ON_CHANGE_MAX_LAYERS
+        return self.figures and self.phase_map and self._phases_changed and small
 
     def _images(self, step: int, esd: bool = True) -> list[tuple[str, np.ndarray, str]] | None:
         """``(tag, RGB array, caption)`` of the latest snapshot's figures: the ESD of each

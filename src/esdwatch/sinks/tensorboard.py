@@ -32,7 +32,8 @@ custom-scalars layout
     every ``figure_every`` snapshots (the first included) and at ``close()`` for the
     last one: the ESD on log-log axes with the MP and power-law fits, and the phase map
     of every snapshot so far (:mod:`esdwatch.reporting.figures`, needs matplotlib);
-    the phase map also at every snapshot where a layer changed phase.
+    the phase map also at every snapshot where a layer changed phase (models of
+    at most 32 layers).
 ``<p>/phases`` (text)
     a markdown table of every layer's phase by name, the step it began, the phase
     before (a change at this snapshot in bold) and alpha.

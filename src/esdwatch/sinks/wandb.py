@@ -20,7 +20,7 @@ What a snapshot logs, in one ``run.log`` call:
 * every ``figure_every`` snapshots (the first included, and at ``close()`` for the last
   one): ``<prefix>/esd_figure/<layer>`` and ``<prefix>/phase_map`` images and
   ``<prefix>/layers``, a ``wandb.Table`` of the snapshot's per-layer records; the phase
-  map also at every snapshot where a layer changed phase.
+  map also at every snapshot where a layer changed phase (models of at most 32 layers).
 
 Every alarm is a row of ``<prefix>/alarms``, a ``wandb.Table`` with the columns
 :data:`~esdwatch.sinks.dashboard.ALARM_COLUMNS` (step, severity, kind, layer, value,
