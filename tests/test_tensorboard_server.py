@@ -150,7 +150,12 @@ def test_custom_scalars_layout_groups_all_layers(served):
     assert charts["alpha"]["multiline"]["tag"] == ["^esdwatch/alpha/"]
     assert charts["entropy"]["multiline"]["tag"] == ["^esdwatch/entropy/"]
     assert charts["mp_softrank"]["multiline"]["tag"] == ["^esdwatch/mp_softrank/"]
-    assert [cat["title"] for cat in layout["category"]] == ["esdwatch: all layers", "esdwatch: model"]
+    titles = [cat["title"] for cat in layout["category"]]
+    assert titles[1:] == ["esdwatch: all layers", "esdwatch: model"]
+    # first, the phase of each layer in a chart of its own, the scale by name in the title
+    assert titles[0].startswith("esdwatch: phase per layer (0 Random-like, 1 Bleeding-out, 2 Bulk+Spikes")
+    per_layer = {c["title"]: c["multiline"]["tag"] for c in layout["category"][0]["chart"]}
+    assert per_layer == {"phase: net.0": [r"^esdwatch/phase/net\.0$"], "phase: net.2": [r"^esdwatch/phase/net\.2$"]}
 
 
 def test_histograms_dashboard_serves_the_spectra_per_snapshot(served):
