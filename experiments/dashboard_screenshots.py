@@ -9,8 +9,10 @@ Chromium screenshots of TensorBoard's UI and of ``esdwatch report``'s page::
     python experiments/dashboard_screenshots.py            # writes experiments/results/*.png
 
 Outputs (downscaled, palette PNGs to keep the repository small):
-``tensorboard_scalars.png`` (Custom Scalars: every layer's alpha, entropy, soft rank),
-``tensorboard_histograms.png`` (the ESD of each layer over steps),
+``tensorboard_scalars.png`` (Custom Scalars at smoothing 0 with outliers kept: the phase
+chart of each layer, then every layer's alpha and entropy), ``tensorboard_phases.png``
+(Text tab: every alarm, and the phase table: each layer's phase, since which step, the
+one before), ``tensorboard_histograms.png`` (the ESD of each layer over steps, log10 eigenvalues),
 ``tensorboard_phase_map.png`` (Images: the phase map), ``report.png`` (the HTML report).
 Needs tensorboard, matplotlib, Pillow and ``/usr/bin/chromium`` (Debian's ``chromium``).
 """
@@ -107,6 +109,42 @@ def chromium(
     )
 
 
+def preset_local_storage(port: int, profile: Path, items: dict[str, str]) -> None:
+    """Set TensorBoard UI settings that live in the browser's localStorage (not in the URL),
+    such as "Ignore outliers in chart scaling": a page served on the same origin
+    (127.0.0.1:port) sets them in the Chromium profile the screenshots then use."""
+    import http.server
+    import threading
+
+    script = "".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});" for k, v in items.items())
+    body = f"<html><body><script>{script}document.title='set'</script></body></html>".encode()
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", port), Page)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}", "--dump-dom"]
+            + [f"http://127.0.0.1:{port}/"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def shrink(src: Path, dst: Path, width: int, crop: tuple[int, int, int, int] | None = None) -> None:
     """Crop, downscale to ``width`` pixels and store as a 256-color palette PNG."""
     from PIL import Image
@@ -127,6 +165,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--every-n-steps", type=int, default=15)
     parser.add_argument("--width", type=int, default=1100, help="width of the saved PNGs")
+    parser.add_argument("--reuse", default=None, help="a log_dir of an earlier run: take the screenshots only")
     args = parser.parse_args(argv)
     if not os.path.exists(CHROMIUM):
         print(f"{CHROMIUM} not found: apt-get install -y chromium", file=sys.stderr)
@@ -135,11 +174,13 @@ def main(argv=None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="esdwatch-shots-"))
     out = Path(args.out) if args.out else work / "logs"
-    log_dir = train(out, args.epochs, args.every_n_steps)
+    log_dir = Path(args.reuse) if args.reuse else train(out, args.epochs, args.every_n_steps)
     print(f"trained: {log_dir}")
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    # what a user would set once in the UI: every point of the phase charts on the y axis
+    preset_local_storage(port, work / "profile", {"_ignoreYOutliers": "false"})
     exe = shutil.which("tensorboard", path=str(Path(sys.executable).parent)) or "tensorboard"
     server = subprocess.Popen(
         [exe, "--logdir", str(log_dir.parent), "--host", "127.0.0.1", "--port", str(port)],
@@ -162,8 +203,9 @@ def main(argv=None) -> int:
         raw.mkdir()
         # (name, URL, window width and height in CSS px, device scale, crop box in CSS px)
         shots = [
-            ("tensorboard_scalars", f"{base}/#custom_scalars", 1400, 1000, 1, None),
-            ("tensorboard_histograms", f"{base}/#histograms&tagFilter=esdwatch", 1400, 1000, 1, None),
+            ("tensorboard_scalars", f"{base}/#custom_scalars&_smoothingWeight=0", 1400, 1000, 1, None),
+            ("tensorboard_phases", f"{base}/#text&tagFilter=phases%7Calarms", 1400, 1000, 1, None),
+            ("tensorboard_histograms", f"{base}/#histograms&tagFilter=esd_log10", 1400, 1000, 1, None),
             # TensorBoard draws images in ~350 px cards: render at 2x and keep the cards' region
             ("tensorboard_phase_map", f"{base}/#images&tagFilter=phase_map", 1400, 1000, 2, (300, 0, 1120, 620)),
         ]

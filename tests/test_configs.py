@@ -77,8 +77,8 @@ def test_live_dashboard_config_writes_spectra_every_snapshot_and_figures_every_5
     ea = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0, "tensors": 0})
     ea.Reload()
     for name in ("net.0", "net.2"):
-        assert [e.step for e in ea.Histograms(f"esdwatch/esd/{name}")] == steps
-        assert all(len(e.histogram_value.bucket) == 65 for e in ea.Histograms(f"esdwatch/esd/{name}"))
+        assert [e.step for e in ea.Histograms(f"esdwatch/esd_log10_eigenvalues/{name}")] == steps
+        assert all(len(e.histogram_value.bucket) == 65 for e in ea.Histograms(f"esdwatch/esd_log10_eigenvalues/{name}"))
     # the 1st and 6th snapshots (figure_every=5), and the last one at the end of fit
     assert [e.step for e in ea.Images("esdwatch/phase_map")] == [0, 10, 12]
     assert [e.step for e in ea.Images("esdwatch/esd_figure/net.2")] == [0, 10, 12]

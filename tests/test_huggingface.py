@@ -189,7 +189,7 @@ def test_records_at_the_scheduled_steps_and_tensorboard_beside_the_trainers_loss
         assert [e.step for e in alpha] == list(steps)
         want = [r.report.alpha for r in records if r.name == name]
         assert [e.value for e in alpha] == pytest.approx(want, rel=1e-6)
-        hist = ea.Histograms(f"esdwatch/esd/{name}")
+        hist = ea.Histograms(f"esdwatch/esd_log10_eigenvalues/{name}")
         assert [h.step for h in hist] == list(steps)
         assert hist[-1].histogram_value.num == next(
             r.report.num_evals for r in records[-len(LAYERS) :] if r.name == name
@@ -265,7 +265,7 @@ def test_wandb_offline_run_holds_esdwatch_keys_on_the_trainers_step(tmp_path, of
     for it in ours:
         for rec in (r for r in records if r.global_step == it["train/global_step"]):
             assert it[f"esdwatch/alpha/{rec.name}"] == pytest.approx(rec.report.alpha, rel=1e-12)
-            assert it[f"esdwatch/esd/{rec.name}._type"] == "histogram"
+            assert it[f"esdwatch/esd_log10_eigenvalues/{rec.name}._type"] == "histogram"
         assert "esdwatch/summary/alpha" in it
     assert [it["train/global_step"] for it in items if "train/loss" in it] == [5, 10]  # the Trainer's, same run
     metrics = [r["metric"] for r in log if r["type"] == "metric"]

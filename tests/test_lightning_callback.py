@@ -321,7 +321,7 @@ def test_two_named_monitors_log_to_one_tensorboard_under_their_own_tags(tmp_path
     assert not any(t.startswith("esdwatch/a/") and t.endswith("/net.2") for t in tags)  # a watched net.0 only
     assert not any(t.startswith("esdwatch/b/") and t.endswith("/net.0") for t in tags)
     # a keeps the eigenvalues: its histograms (TensorBoard) and spectra.jsonl are its own, b has neither
-    assert set(ea.Tags()["histograms"]) == {"esdwatch/a/esd/net.0"}
+    assert set(ea.Tags()["histograms"]) == {"esdwatch/a/esd_log10_eigenvalues/net.0"}
     assert (log_dir / "esdwatch" / "a" / "spectra.jsonl").exists()
     assert not (log_dir / "esdwatch" / "b" / "spectra.jsonl").exists()
 

@@ -100,9 +100,9 @@ def test_scalars_histograms_figures_text_and_layout_read_back(tmp_path, snapshot
     assert {e.step: e.value for e in ea.Scalars("esdwatch/phase/encoder.0")} == {s: 0.0 for s in STEPS}
 
     # spectra: one histogram per layer per snapshot, esdwatch's log10 bins, every eigenvalue
-    assert sorted(ea.Tags()["histograms"]) == sorted(f"esdwatch/esd/{n}" for n in LAYERS)
+    assert sorted(ea.Tags()["histograms"]) == sorted(f"esdwatch/esd_log10_eigenvalues/{n}" for n in LAYERS)
     for name in LAYERS:
-        events = ea.Histograms(f"esdwatch/esd/{name}")
+        events = ea.Histograms(f"esdwatch/esd_log10_eigenvalues/{name}")
         assert [e.step for e in events] == list(STEPS)
         for e in events:
             rec = next(r for r in snapshots[e.step] if r.name == name)
@@ -157,7 +157,8 @@ def test_layout_written_once_per_writer_and_steps_never_go_back(tmp_path, snapsh
     writer.close()
     ea = _load(tmp_path)
     layout = _layout(ea)  # exactly one layout event
-    assert [c.title for c in layout.category] == ["esdwatch: all layers", "esdwatch: model"]
+    assert [c.title for c in layout.category][1:] == ["esdwatch: all layers", "esdwatch: model"]
+    assert layout.category[0].title.startswith("esdwatch: phase per layer (0 Random-like, 1 Bleeding-out")
     assert {e.step for e in ea.Scalars("esdwatch/second/alpha/head")} == {10}
     (alarm_text,) = ea.Tensors("esdwatch/alarms/text_summary")
     assert alarm_text.step == 20  # clamped: TensorBoard drops data when a step goes back
@@ -202,11 +203,15 @@ def test_trainer_with_tensorboard_logger_writes_what_the_records_say(tmp_path):
     ea = _load(logger.log_dir)
     assert_scalars_equal_records(ea, records)
     for name in names:
-        events = ea.Histograms(f"esdwatch/esd/{name}")
+        events = ea.Histograms(f"esdwatch/esd_log10_eigenvalues/{name}")
         assert [e.step for e in events] == steps
         assert all(sum(e.histogram_value.bucket) == 64 for e in events)
-    # default figure_every=10: the first snapshot, and the last one at the end of fit
-    assert [e.step for e in ea.Images("esdwatch/phase_map")] == [0, 20]
+    # default figure_every=10: the first snapshot, and the last one at the end of fit; the
+    # phase map also at each snapshot where a layer changed phase
+    phases = {(r.global_step, r.name): r.report.phase for r in records}
+    changed = [s for i, s in enumerate(steps) if i and any(phases[s, n] != phases[steps[i - 1], n] for n in names)]
+    assert [e.step for e in ea.Images("esdwatch/phase_map")] == sorted({0, 20, *changed})
+    assert [e.step for e in ea.Images("esdwatch/esd_figure/net.0")] == [0, 20]
     assert {f"esdwatch/esd_figure/{n}" for n in names} <= set(ea.Tags()["images"])
     charts = {c.title for cat in _layout(ea).category for c in cat.chart}
     assert {"alpha", "entropy", "mp_softrank"} <= charts

@@ -18,9 +18,11 @@ import torch
 from _sink_helpers import fit_digits, synthetic_snapshots
 from esdwatch.alarms import Alarm, AlarmRule
 from esdwatch.engine.phases import Phase
+from esdwatch.rundir import read_alarms
 from esdwatch.sinks import read_records, sinks_for_loggers
 
 wandb = pytest.importorskip("wandb")
+from esdwatch.sinks.dashboard import ALARM_COLUMNS  # noqa: E402
 from esdwatch.sinks.wandb import MAX_HIST_BINS, TABLE_COLUMNS, WandbSink  # noqa: E402
 
 LAYERS = {"encoder.0": "Random-like", "head": "Heavy-Tailed"}
@@ -56,6 +58,21 @@ def inspect_run(run_dir: Path) -> list[dict]:
 
 def history(records: list[dict]) -> list[dict]:
     return [r["history"]["item"] for r in records if r["type"] == "history"]
+
+
+def _json_nums(alarm) -> list:
+    d = alarm.to_dict()
+    return [d["value"], d["threshold"]]
+
+
+def alarm_table_rows(run_dir: Path, items: list[dict], key: str = "esdwatch/alarms") -> list[list]:
+    """The rows of the alarm table over the logged increments (or the last full table), as W&B stores them."""
+    rows: list[list] = []
+    for it in items:
+        table = json.loads((run_dir / "files" / it[f"{key}.path"]).read_text())
+        assert table["columns"] == list(ALARM_COLUMNS)
+        rows = rows + table["data"] if it[f"{key}._type"] == "incremental-table-file" else table["data"]
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +118,17 @@ def test_offline_run_holds_scalars_spectra_figures_table_and_rate_limited_alerts
         m for m in metrics if m.get("glob_name") == "esdwatch/*"
     ).items()
 
-    items = history(recs)
+    everything = history(recs)
+    items = [it for it in everything if "esdwatch/alarms._type" not in it]
     # one wandb.log per snapshot, keyed by the logged step, never by step=
     assert [it["trainer/global_step"] for it in items] == list(STEPS)
     assert [it["_step"] for it in items] == [0, 1, 2]
+    # then every alarm (alerted or not) as a row of the alarm table, logged at close (no end_snapshot here)
+    (logged,) = [it for it in everything if "esdwatch/alarms._type" in it]
+    assert logged["trainer/global_step"] == 20
+    assert alarm_table_rows(run_dir, [logged]) == [
+        [a.step, a.severity, a.kind, a.layer, a.value, a.threshold, a.message] for _, a in alarms
+    ]
     for it in items:
         step = it["trainer/global_step"]
         for rec in snapshots[step]:
@@ -114,7 +138,7 @@ def test_offline_run_holds_scalars_spectra_figures_table_and_rate_limited_alerts
             assert it[f"esdwatch/mp_softrank/{rec.name}"] == pytest.approx(r.mp_softrank, rel=1e-12)
             assert it[f"esdwatch/phase/{rec.name}"] == Phase.parse(r.phase).order
             assert f"esdwatch/num_traps/{rec.name}" not in it  # not computed (traps off): not logged
-            key = f"esdwatch/esd/{rec.name}"
+            key = f"esdwatch/esd_log10_eigenvalues/{rec.name}"
             assert it[f"{key}._type"] == "histogram"
             bins, values = it[f"{key}.bins"], it[f"{key}.values"]
             assert len(values) == 64 and len(bins) == 65 and sum(values) == 60
@@ -167,7 +191,7 @@ def test_close_logs_the_figures_of_the_last_snapshot_and_bins_are_capped(tmp_pat
     run.finish()
     items = history(inspect_run(run_dir))
     assert [it["trainer/global_step"] for it in items] == [0, 10, 10]
-    assert len(items[0]["esdwatch/esd/head.values"]) == MAX_HIST_BINS
+    assert len(items[0]["esdwatch/esd_log10_eigenvalues/head.values"]) == MAX_HIST_BINS
     assert "esdwatch/phase_map._type" in items[0] and "esdwatch/phase_map._type" not in items[1]
     assert items[2]["esdwatch/phase_map._type"] == "image-file"  # the final figures, at the last step
     assert not any(k.startswith("esdwatch/alpha/") for k in items[2])
@@ -212,10 +236,22 @@ def test_trainer_with_wandb_logger_offline(tmp_path):
     for it in items:
         for rec in (r for r in records if r.global_step == it["trainer/global_step"]):
             assert it[f"esdwatch/alpha/{rec.name}"] == pytest.approx(rec.report.alpha, rel=1e-12)
-            assert it[f"esdwatch/esd/{rec.name}._type"] == "histogram"
-            assert sum(it[f"esdwatch/esd/{rec.name}.values"]) == rec.report.num_evals
+            assert it[f"esdwatch/esd_log10_eigenvalues/{rec.name}._type"] == "histogram"
+            assert sum(it[f"esdwatch/esd_log10_eigenvalues/{rec.name}.values"]) == rec.report.num_evals
     # Lightning's own metrics share the trainer/global_step axis
     assert any("train/loss" in it and "trainer/global_step" in it for it in history(recs))
+    # every alarm of the run is a row of the alarm table, logged once per snapshot that fired
+    # alarms, at its step; a phase transition has no threshold (None, never NaN)
+    fired = read_alarms(tmp_path / "logs")
+    logged = [it for it in history(recs) if "esdwatch/alarms._type" in it]
+    assert [it["trainer/global_step"] for it in logged] == sorted({a.step for a in fired})
+    assert {it["esdwatch/alarms._type"] for it in logged} == {"incremental-table-file"}
+    rows = alarm_table_rows(run_dir, logged)
+    assert rows == [[a.step, a.severity, a.kind, a.layer, *_json_nums(a), a.message] for a in fired]
+    assert [(r[2], r[3]) for r in rows[:2]] == [("alpha_low", "net.0"), ("alpha_low", "net.2")]
+    for row in rows:
+        if row[2] == "phase_transition":
+            assert row[5] is None and "nan" not in row[6].lower()
     alerts = [r["alert"] for r in recs if r["type"] == "alert"]
     assert sorted(a["title"] for a in alerts) == ["esdwatch alpha low: net.0", "esdwatch alpha low: net.2"]
     assert all(a["level"] == "WARN" and "step 0" in a["text"] for a in alerts)

@@ -110,7 +110,7 @@ def served(tmp_path_factory):
             lambda: (
                 {"esdwatch/alpha/net.0", "esdwatch/phase/net.2"}
                 <= set(server.json("/data/plugin/scalars/tags").get(RUN, {}))
-                and "esdwatch/esd/net.0" in server.json("/data/plugin/histograms/tags").get(RUN, {})
+                and "esdwatch/esd_log10_eigenvalues/net.0" in server.json("/data/plugin/histograms/tags").get(RUN, {})
                 and "esdwatch/phase_map" in server.json("/data/plugin/images/tags").get(RUN, {})
             ),
             "esdwatch's scalars, histograms and images",
@@ -150,15 +150,22 @@ def test_custom_scalars_layout_groups_all_layers(served):
     assert charts["alpha"]["multiline"]["tag"] == ["^esdwatch/alpha/"]
     assert charts["entropy"]["multiline"]["tag"] == ["^esdwatch/entropy/"]
     assert charts["mp_softrank"]["multiline"]["tag"] == ["^esdwatch/mp_softrank/"]
-    assert [cat["title"] for cat in layout["category"]] == ["esdwatch: all layers", "esdwatch: model"]
+    titles = [cat["title"] for cat in layout["category"]]
+    assert titles[1:] == ["esdwatch: all layers", "esdwatch: model"]
+    # first, the phase of each layer in a chart of its own, the scale by name in the title
+    assert titles[0].startswith("esdwatch: phase per layer (0 Random-like, 1 Bleeding-out, 2 Bulk+Spikes")
+    per_layer = {c["title"]: c["multiline"]["tag"] for c in layout["category"][0]["chart"]}
+    assert per_layer == {"phase: net.0": [r"^esdwatch/phase/net\.0$"], "phase: net.2": [r"^esdwatch/phase/net\.2$"]}
 
 
 def test_histograms_dashboard_serves_the_spectra_per_snapshot(served):
     server, _ = served
     tags = server.json("/data/plugin/histograms/tags")[RUN]
-    assert {"esdwatch/esd/net.0", "esdwatch/esd/net.2"} <= set(tags)
+    assert {"esdwatch/esd_log10_eigenvalues/net.0", "esdwatch/esd_log10_eigenvalues/net.2"} <= set(tags)
     for name in ("net.0", "net.2"):
-        series = server.json("/data/plugin/histograms/histograms", run=RUN, tag=f"esdwatch/esd/{name}")
+        series = server.json(
+            "/data/plugin/histograms/histograms", run=RUN, tag=f"esdwatch/esd_log10_eigenvalues/{name}"
+        )
         assert [step for _wall, step, _buckets in series] == [0, 5, 10, 15]
         for _wall, _step, buckets in series:
             # [left, right, count] buckets over log10 eigenvalues: every one of the 64

@@ -151,6 +151,13 @@ class Outputs:
         for sink in self.sinks:
             self.call(sink, "alarm", functools.partial(sink.alarm, alarm))
 
+    def end_snapshot(self, step: int) -> None:
+        """The snapshot at ``step`` and its alarms are all out: a sink with ``end_snapshot`` writes what it batched."""
+        for sink in self.sinks:
+            end = getattr(sink, "end_snapshot", None)
+            if callable(end):
+                self.call(sink, "end_snapshot", functools.partial(end, step))
+
     def skipped(self, info: dict[str, Any]) -> None:
         """A scheduled snapshot that was not taken, and why (``skipped_snapshots.jsonl``)."""
         if self._jsonl is not None:

@@ -55,6 +55,7 @@ class Publisher:
             self.alarms.extend(fired)
             for alarm in fired:
                 self.outputs.alarm(alarm)
+            self.outputs.end_snapshot(step)
             run_actions(
                 fired,
                 self.policy.action_for,

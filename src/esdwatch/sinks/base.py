@@ -21,6 +21,10 @@ class Sink(Protocol):
     with ``global_step == step``, with eigenvalues on ``record.report.evals`` when the
     monitor keeps them). ``alarm(alarm)``: an alarm that fired (after patience).
     ``close()``: the run is over; flush.
+
+    Optional: ``end_snapshot(step)``, called (when the sink has it) once the snapshot at
+    ``step`` and all its alarms were passed on, for a sink that writes a snapshot's
+    alarms together (the TensorBoard and W&B sinks).
     """
 
     def write(self, records: Sequence[LayerRecord], step: int) -> None: ...

@@ -6,6 +6,12 @@ and the phase map) and draw the same things from a snapshot: one
 :class:`~esdwatch.schema.Log10Histogram` per layer with eigenvalues, and the images of
 :mod:`esdwatch.reporting.figures`. :class:`DashboardSink` holds that; each subclass
 keeps its own public signature and decides how its backend receives the results.
+
+What users read in both dashboards is also made here, once: the phase table
+(:func:`phases_markdown`: each layer's phase by name, since which step, and what it was
+before) and the alarm rows (:data:`ALARM_COLUMNS`, :func:`alarm_row`,
+:func:`alarms_markdown`), where a value that does not exist (a phase transition has no
+threshold) is left empty, never shown as ``nan``.
 """
 
 from __future__ import annotations
@@ -16,12 +22,76 @@ from typing import Any
 
 import numpy as np
 
-from esdwatch.schema import LayerRecord, Log10Histogram, log10_histogram
-from esdwatch.sinks.tags import prefix_for
+from esdwatch.schema import PHASE_TRANSITION, Alarm, LayerRecord, Log10Histogram, log10_histogram, phase_name
+from esdwatch.sinks.tags import dashboard_tag, finite_value, prefix_for
 
 log = logging.getLogger("esdwatch.sinks")
 
-__all__ = ["DashboardSink"]
+__all__ = ["DashboardSink", "ALARM_COLUMNS", "PhaseSpan", "alarm_row", "alarms_markdown", "phases_markdown"]
+
+#: A phase change redraws the phase map at once in models of at most this many layers
+#: (one figure; the ESD figures of ``figure_every`` cost one per layer).
+PHASE_MAP_ON_CHANGE_MAX_LAYERS = 32
+
+#: Columns of the alarm table (W&B) and of the alarm text (TensorBoard).
+ALARM_COLUMNS: tuple[str, ...] = ("global_step", "severity", "kind", "layer", "value", "threshold", "message")
+
+#: A layer's current phase, the first step of the snapshots in it, and the phase before (None: none yet).
+PhaseSpan = tuple[str, int, str | None]
+
+
+def alarm_row(alarm: Alarm) -> list[Any]:
+    """One alarm as a row of :data:`ALARM_COLUMNS`; a value or threshold that does not exist is None.
+
+    A phase transition has no threshold, and its value is the classifier's confidence.
+    """
+    return [
+        None if alarm.step is None else int(alarm.step),
+        alarm.severity,
+        alarm.kind,
+        alarm.layer,
+        finite_value(alarm.value),
+        finite_value(alarm.threshold),
+        alarm.message,
+    ]
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "&#124;").replace("\n", " ")
+
+
+def alarms_markdown(alarms: Sequence[Alarm]) -> str:
+    """A markdown list of one step's alarms, one line each in the order given (no step: the
+    dashboard shows it): ``- **severity** `kind`, layer `name`: message (value v, threshold t)``.
+
+    Only the numbers that exist are shown: a phase transition has no threshold, and its
+    value is the classifier's confidence.
+    """
+    lines = []
+    for a in alarms:
+        _, severity, kind, layer, value, threshold, message = alarm_row(a)
+        numbers = [
+            f"{'confidence' if kind == PHASE_TRANSITION else 'value'} {value:.4g}" if value is not None else "",
+            f"threshold {threshold:.4g}" if threshold is not None else "",
+        ]
+        shown = ", ".join(n for n in numbers if n)
+        tail = f" ({shown})" if shown else ""
+        lines.append(f"- **{severity}** `{kind}`, layer `{layer}`: {_md(message)}{tail}")
+    return "\n".join(lines)
+
+
+def phases_markdown(records: Sequence[LayerRecord], spans: dict[str, PhaseSpan], step: int) -> str:
+    """A markdown table of one snapshot's phases: layer, phase (bold where it changed at
+    this snapshot), since step, the phase before, alpha."""
+    lines = ["| layer | phase | since step | before | alpha |", "|---|---|---:|---|---:|"]
+    for rec in records:
+        phase, since, before = spans.get(rec.name, (phase_name(rec.report.phase), step, None))
+        shown = f"**{phase}** (new)" if since == step and before is not None else phase
+        alpha = finite_value(rec.report.alpha)
+        lines.append(
+            f"| {_md(rec.name)} | {shown} | {since} | {before or ''} | {'' if alpha is None else f'{alpha:.3f}'} |"
+        )
+    return "\n".join(lines)
 
 
 class DashboardSink:
@@ -64,6 +134,11 @@ class DashboardSink:
         self._latest: list[LayerRecord] = []
         self._figured_step: int | None = None
         self._phases: list[tuple[int, dict[str, str]]] = []
+        #: each layer's phase, since which step, and the phase before
+        self.phase_spans: dict[str, PhaseSpan] = {}
+        #: whether a layer changed phase since the phase map was last drawn
+        self._phases_changed = False
+        self._phase_map_step: int | None = None
         self._no_evals_warned = False
         self._closed = False
 
@@ -71,6 +146,12 @@ class DashboardSink:
         """Note one snapshot (its phases for the map, its records for the figures); whether
         this snapshot is one that gets figures (every ``figure_every``, the first included)."""
         self._phases.append((step, {r.name: r.report.phase for r in records}))
+        for rec in records:
+            phase = phase_name(rec.report.phase)
+            span = self.phase_spans.get(rec.name)
+            if span is None or span[0] != phase:
+                self.phase_spans[rec.name] = (phase, step, None if span is None else span[0])
+                self._phases_changed = self._phases_changed or span is not None
         self._latest = list(records)
         self._last_step = step
         due = self.snapshots % self.figure_every == 0
@@ -100,10 +181,18 @@ class DashboardSink:
             )
         return out
 
-    def _images(self, step: int) -> list[tuple[str, np.ndarray, str]] | None:
+    def _phase_map_due(self) -> bool:
+        """Whether a layer changed phase since the phase map was last drawn, in a model of at
+        most :data:`PHASE_MAP_ON_CHANGE_MAX_LAYERS` layers (the map is then drawn at this
+        snapshot too, whatever ``figure_every`` says: a change is what users look for; a
+        larger model's map, slower to draw on the training thread, keeps the cadence)."""
+        small = len(self._latest) <= PHASE_MAP_ON_CHANGE_MAX_LAYERS
+        return self.figures and self.phase_map and self._phases_changed and small
+
+    def _images(self, step: int, esd: bool = True) -> list[tuple[str, np.ndarray, str]] | None:
         """``(tag, RGB array, caption)`` of the latest snapshot's figures: the ESD of each
-        analysed layer (at most ``max_esd_figures``) and the phase map so far. None when
-        matplotlib is missing (warned once: figures are then off)."""
+        analysed layer (at most ``max_esd_figures``; not when ``esd`` is False) and the
+        phase map so far. None when matplotlib is missing (warned once: figures are then off)."""
         try:
             from esdwatch.reporting import figures as F
 
@@ -113,21 +202,23 @@ class DashboardSink:
             self.figures = False
             return None
         out: list[tuple[str, Any, str]] = []
-        if self.esd_figures:
+        if self.esd_figures and esd:
             chosen = self._latest if self.max_esd_figures is None else self._latest[: self.max_esd_figures]
             for rec in chosen:
                 if rec.report.ok:
                     out.append(
                         (
-                            f"{self.prefix}/esd_figure/{rec.name}",
+                            dashboard_tag(self.prefix, "esd_figure", rec.name),
                             F.figure_to_rgb(F.esd_figure(rec, dpi=80)),
                             f"{rec.name} @ step {step}",
                         )
                     )
-        if self.phase_map and self._phases:
+        if self.phase_map and self._phases and self._phase_map_step != step:
+            self._phases_changed = False
+            self._phase_map_step = step
             out.append(
                 (
-                    f"{self.prefix}/phase_map",
+                    dashboard_tag(self.prefix, "phase_map"),
                     F.figure_to_rgb(F.phase_map_figure(snapshots=self._phases, dpi=100)),
                     f"phases up to step {step}",
                 )

@@ -4,7 +4,9 @@
   user's own prefix);
 * :data:`SCALAR_METRICS` and :func:`scalar_metrics`: the per-layer keys
   ``<prefix>/<metric>/<layer>`` (the phase as its ordinal, 0 Random-like ... 5
-  Rank-collapse) and the model averages ``<prefix>/summary/<metric>``.
+  Rank-collapse) and the model averages ``<prefix>/summary/<metric>``;
+* :func:`dashboard_tag`: every other key (spectra, images, text, the alarm table), so
+  the TensorBoard and W&B sinks name the same thing the same way.
 
 A value that was not computed (NaN, or -1 for a count) is not logged: a dashboard shows
 a gap, never a fake number.
@@ -32,6 +34,9 @@ __all__ = [
     "metric_value",
     "scalar_metrics",
     "summary_metrics",
+    "dashboard_tag",
+    "DASHBOARD_TAGS",
+    "ESD_HISTOGRAM_DESCRIPTION",
 ]
 
 #: Per-layer scalars written by every sink, as ``<prefix>/<metric>/<layer>``.
@@ -49,6 +54,31 @@ SCALAR_METRICS: tuple[str, ...] = (
 
 #: Integer metrics whose "not computed" value is -1.
 COUNT_METRICS: frozenset[str] = frozenset({"num_spikes", "num_traps"})
+
+
+#: The non-scalar keys, ``<prefix>/<what>`` or ``<prefix>/<what>/<layer>``: the ESD as a
+#: histogram of log10 eigenvalues, its figure, the phase map, the per-layer table, the
+#: phase table (phase names and the step each phase began) and every alarm.
+DASHBOARD_TAGS: dict[str, str] = {
+    "esd": "esd_log10_eigenvalues",
+    "esd_figure": "esd_figure",
+    "phase_map": "phase_map",
+    "layers": "layers",
+    "phases": "phases",
+    "alarms": "alarms",
+}
+
+#: What an ESD histogram's x axis is (TensorBoard shows it as the tag's description).
+ESD_HISTOGRAM_DESCRIPTION = (
+    "x axis: log10 of the eigenvalues of W^T W (the empirical spectral density, ESD); "
+    "height: how many eigenvalues fall in each of the bins. Heavy-tailed layers stretch to the right."
+)
+
+
+def dashboard_tag(prefix: str, what: str, layer: str | None = None) -> str:
+    """``<prefix>/<what>`` or ``<prefix>/<what>/<layer>``, ``what`` one of :data:`DASHBOARD_TAGS`."""
+    tag = f"{prefix}/{DASHBOARD_TAGS[what]}"
+    return tag if layer is None else f"{tag}/{layer}"
 
 
 def prefix_for(name: str | None = None, prefix: str | None = None) -> str:

@@ -17,21 +17,31 @@ What a snapshot at global step S writes (``<p>`` is the prefix, ``esdwatch`` or
     the model averages (:data:`esdwatch.schema.SUMMARY_METRICS`).
 custom-scalars layout
     written once per writer at the first snapshot (``add_custom_scalars`` may only be
-    called once per writer): one multi-line chart per metric with every layer, matched
-    by tag regex so layers added later join the chart.
-``<p>/esd/<layer>`` (histogram)
+    called once per writer): first one phase chart per layer (one line each, so a
+    change is a visible step; at most :data:`MAX_PHASE_CHARTS` layers), then one
+    multi-line chart per metric with every layer, matched by tag regex so layers added
+    later join the chart. TensorBoard smooths every line by default (the slider on the
+    left): set it to 0 to see the phase steps unsmoothed.
+``<p>/esd_log10_eigenvalues/<layer>`` (histogram)
     the histogram of log10 eigenvalues computed by esdwatch
-    (:func:`~esdwatch.schema.log10_histogram`) and written with
-    ``add_histogram_raw``, so the Histograms and Distributions tabs show the ESD
+    (:func:`~esdwatch.schema.log10_histogram`), written as ``add_histogram_raw`` writes
+    it, plus a description (:data:`~esdwatch.sinks.tags.ESD_HISTOGRAM_DESCRIPTION`: the
+    x axis is log10 eigenvalues), so the Histograms and Distributions tabs show the ESD
     evolving; needs the eigenvalues (``keep_evals=True`` on the monitor).
 ``<p>/esd_figure/<layer>``, ``<p>/phase_map`` (images)
     every ``figure_every`` snapshots (the first included) and at ``close()`` for the
     last one: the ESD on log-log axes with the MP and power-law fits, and the phase map
-    of every snapshot so far (:mod:`esdwatch.reporting.figures`, needs matplotlib).
+    of every snapshot so far (:mod:`esdwatch.reporting.figures`, needs matplotlib);
+    the phase map also at every snapshot where a layer changed phase (models of
+    at most 32 layers).
+``<p>/phases`` (text)
+    a markdown table of every layer's phase by name, the step it began, the phase
+    before (a change at this snapshot in bold) and alpha.
 ``<p>/layers`` (text)
     a markdown table of every layer: phase, alpha, entropy, soft rank.
 ``<p>/alarms`` (text)
-    one entry per alarm, at its step.
+    a markdown table of every alarm of a snapshot (step, severity, kind, layer, value,
+    threshold, message; a phase transition has no threshold), written once per snapshot.
 
 Every event is written at step S, the snapshot's global step, with the snapshot's wall
 time. The sink never writes a step lower than one it wrote before (TensorBoard's
@@ -47,11 +57,11 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from esdwatch.schema import Alarm, LayerRecord, phase_name
-from esdwatch.sinks.dashboard import DashboardSink
-from esdwatch.sinks.tags import SCALAR_METRICS, scalar_metrics
+from esdwatch.schema import PHASES, Alarm, LayerRecord, phase_name
+from esdwatch.sinks.dashboard import DashboardSink, alarms_markdown, phases_markdown
+from esdwatch.sinks.tags import ESD_HISTOGRAM_DESCRIPTION, SCALAR_METRICS, dashboard_tag, scalar_metrics
 
-__all__ = ["TensorBoardSink", "custom_scalars_layout", "layers_markdown", "TENSORBOARD_EXTRA_HINT"]
+__all__ = ["TensorBoardSink", "custom_scalars_layout", "layers_markdown", "TENSORBOARD_EXTRA_HINT", "MAX_PHASE_CHARTS"]
 
 TENSORBOARD_EXTRA_HINT = "pip install 'esdwatch[tensorboard]'"
 
@@ -67,19 +77,35 @@ LAYOUT_METRICS: tuple[str, ...] = (
     "num_spikes",
 )
 
+#: At most this many layers get a phase chart of their own (the phase map shows all of them).
+MAX_PHASE_CHARTS = 32
+
+#: The phase ordinals, as a chart's title says them.
+PHASE_SCALE = ", ".join(f"{k} {name}" for k, name in enumerate(PHASES))
+
 # writers that already received a custom-scalars layout (add_custom_scalars: once per writer)
 _LAYOUT_WRITERS: weakref.WeakSet[Any] = weakref.WeakSet()
 _LAYOUT_WRITER_IDS: set[int] = set()
 
 
-def custom_scalars_layout(prefix: str = "esdwatch", metrics: Sequence[str] = LAYOUT_METRICS) -> dict:
-    """The custom-scalars layout: one multi-line chart of all layers per metric.
+def custom_scalars_layout(
+    prefix: str = "esdwatch", metrics: Sequence[str] = LAYOUT_METRICS, layers: Sequence[str] = ()
+) -> dict:
+    """The custom-scalars layout: a phase chart per layer, and one multi-line chart of all layers per metric.
 
     ``{category: {chart: ["Multiline", [tag regexes]]}}`` as ``add_custom_scalars``
-    takes it; the per-layer charts match ``^<prefix>/<metric>/`` and the model chart
-    the summary tags.
+    takes it. The phase charts (the first :data:`MAX_PHASE_CHARTS` of ``layers``) match
+    one tag each, ``^<prefix>/phase/<layer>$``, so each has one line whose steps are
+    the phase changes; the per-metric charts match ``^<prefix>/<metric>/`` and the
+    model charts the summary tags.
     """
     p = re.escape(prefix)
+    out: dict = {}
+    if layers and "phase" in metrics:
+        out[f"{prefix}: phase per layer ({PHASE_SCALE}; set smoothing to 0)"] = {
+            f"phase: {layer}": ["Multiline", [rf"^{p}/phase/{re.escape(layer)}$"]]
+            for layer in list(layers)[:MAX_PHASE_CHARTS]
+        }
     per_layer = {metric: ["Multiline", [rf"^{p}/{metric}/"]] for metric in metrics}
     model = {
         "alpha (layer mean)": ["Multiline", [rf"^{p}/summary/alpha$"]],
@@ -87,7 +113,9 @@ def custom_scalars_layout(prefix: str = "esdwatch", metrics: Sequence[str] = LAY
         "entropy, stable rank (layer means)": ["Multiline", [rf"^{p}/summary/(entropy|stable_rank)$"]],
         "norms (layer means)": ["Multiline", [rf"^{p}/summary/log_(norm|spectral_norm|alpha_norm)$"]],
     }
-    return {f"{prefix}: all layers": per_layer, f"{prefix}: model": model}
+    out[f"{prefix}: all layers"] = per_layer
+    out[f"{prefix}: model"] = model
+    return out
 
 
 def _cell(value: Any, spec: str = ".3f") -> str:
@@ -190,12 +218,13 @@ class TensorBoardSink(DashboardSink):
         )
         self.text = text
         self.custom_scalars = custom_scalars
-        self._alarm_step: int | None = None  # the step whose alarms _alarm_lines holds
-        self._alarm_lines: list[str] = []
+        self._alarm_step: int | None = None  # the step whose alarms _alarms holds
+        self._alarms: list[Alarm] = []  # written once the snapshot's alarms are complete
+        self._add_histogram = _histogram_writer(self.writer)
 
     # ------------------------------------------------------------------ plumbing
 
-    def _layout_once(self) -> None:
+    def _layout_once(self, layers: Sequence[str]) -> None:
         w = self.writer
         try:
             if w in _LAYOUT_WRITERS:
@@ -207,7 +236,7 @@ class TensorBoardSink(DashboardSink):
             _LAYOUT_WRITER_IDS.add(id(w))
         if not callable(getattr(w, "add_custom_scalars", None)):
             return
-        w.add_custom_scalars(custom_scalars_layout(self.prefix))
+        w.add_custom_scalars(custom_scalars_layout(self.prefix, layers=layers))
 
     def _step(self, step: int | None) -> int:
         s = int(step) if step is not None else (self._last_step or 0)
@@ -228,27 +257,33 @@ class TensorBoardSink(DashboardSink):
         step = self._step(step)
         wall = float(records[0].wall_time) if records[0].wall_time and records[0].wall_time > 0 else None
         w = self.writer
+        self._write_alarms()  # a previous snapshot's alarms, when end_snapshot was not called
         if self.custom_scalars:
-            self._layout_once()
+            self._layout_once([r.name for r in records])
         for tag, value in scalar_metrics(records, self.prefix, self.metrics, self.summary).items():
             w.add_scalar(tag, value, global_step=step, walltime=wall)
         if self.histograms:
             self._write_histograms(records, step, wall)
+        figures_due = self._remember(records, step) and self.figures
         if self.text:
-            w.add_text(f"{self.prefix}/layers", layers_markdown(records), global_step=step, walltime=wall)
-        if self._remember(records, step) and self.figures:
+            w.add_text(dashboard_tag(self.prefix, "layers"), layers_markdown(records), global_step=step, walltime=wall)
+            text = phases_markdown(records, self.phase_spans, step)
+            w.add_text(dashboard_tag(self.prefix, "phases"), text, global_step=step, walltime=wall)
+        if figures_due:
             self._write_figures(step, wall)
+        elif self._phase_map_due():
+            self._write_figures(step, wall, esd=False)
         self._flush()
 
     def _write_histograms(self, records: Sequence[LayerRecord], step: int, wall: float | None) -> None:
-        add_raw = getattr(self.writer, "add_histogram_raw", None)
-        if not callable(add_raw):
+        add_raw = self._add_histogram
+        if add_raw is None:
             return
         for rec, h in self._spectra(records, step):
             # TensorBoard buckets are given by their right edges: an empty first bucket
             # ending at the lowest edge makes the left edge explicit.
             add_raw(
-                f"{self.prefix}/esd/{rec.name}",
+                dashboard_tag(self.prefix, "esd", rec.name),
                 min=h.vmin,
                 max=h.vmax,
                 num=h.num,
@@ -260,26 +295,34 @@ class TensorBoardSink(DashboardSink):
                 walltime=wall,
             )
 
-    def _write_figures(self, step: int, wall: float | None) -> None:
-        images = self._images(step)
+    def _write_figures(self, step: int, wall: float | None, esd: bool = True) -> None:
+        images = self._images(step, esd=esd)
         if images is None:
             return
         for tag, rgb, _ in images:
             self.writer.add_image(tag, rgb, global_step=step, walltime=wall, dataformats="HWC")
-        self._figured_step = step
+        if esd:
+            self._figured_step = step
 
     def alarm(self, alarm: Alarm) -> None:
+        # TensorBoard shows one text per tag and step: a snapshot's alarms are kept and
+        # written together, once, by end_snapshot (or the next write, or close)
         step = self._step(alarm.step)
-        value, threshold = (_number(v, ".4g") for v in (alarm.value, alarm.threshold))
-        line = (
-            f"**{alarm.severity} `{alarm.kind}`** at step {alarm.step if alarm.step is not None else '?'}, "
-            f"layer `{alarm.layer}`: {alarm.message} (value {value}, threshold {threshold})"
-        )
-        # TensorBoard shows one text per tag and step: every alarm of the step goes into it
         if step != self._alarm_step:
-            self._alarm_step, self._alarm_lines = step, []
-        self._alarm_lines.append(line)
-        self.writer.add_text(f"{self.prefix}/alarms", "\n\n".join(self._alarm_lines), global_step=step)
+            self._write_alarms()
+            self._alarm_step = step
+        self._alarms.append(alarm)
+
+    def end_snapshot(self, step: int) -> None:
+        """The snapshot at ``step`` and its alarms are complete: write its alarm table."""
+        self._write_alarms()
+
+    def _write_alarms(self) -> None:
+        if not self._alarms or self._alarm_step is None:
+            return
+        alarms, self._alarms = self._alarms, []
+        tag = dashboard_tag(self.prefix, "alarms")
+        self.writer.add_text(tag, alarms_markdown(alarms), global_step=self._alarm_step)
         self._flush()
 
     def close(self) -> None:
@@ -287,6 +330,7 @@ class TensorBoardSink(DashboardSink):
             return
         self._closed = True
         try:
+            self._write_alarms()
             if self.figures and self._latest and self._figured_step != self._last_step:
                 self._write_figures(int(self._last_step or 0), None)
             self._flush()
@@ -300,10 +344,27 @@ class TensorBoardSink(DashboardSink):
         )
 
 
-def _number(value: object, spec: str) -> str:
-    """A finite number formatted with ``spec``; ``-`` for a missing or non-finite one (a transition's threshold)."""
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return "-"
-    return format(v, spec) if math.isfinite(v) else "-"
+def _histogram_writer(writer: Any) -> Any:
+    """``add_histogram_raw`` of ``writer``, or for torch's SummaryWriter the same summary
+    with :data:`ESD_HISTOGRAM_DESCRIPTION` as its description (TensorBoard shows it on
+    the chart: the x axis is log10 eigenvalues). None when the writer has neither."""
+    add_raw = getattr(writer, "add_histogram_raw", None)
+    if not callable(add_raw):
+        return None
+    get_file_writer = getattr(writer, "_get_file_writer", None)
+    if not type(writer).__module__.startswith("torch.utils.tensorboard") or not callable(get_file_writer):
+        return add_raw  # another writer (tensorboardX, a user's): its own summary protos
+    from torch.utils.tensorboard.summary import histogram_raw
+
+    described_tags: set[str] = set()
+
+    def described(tag: str, *, global_step: int, walltime: float | None, **hist: Any) -> None:
+        summary = histogram_raw(tag, **hist)
+        if tag not in described_tags:  # TensorBoard keeps a tag's first metadata
+            described_tags.add(tag)
+            metadata = summary.value[0].metadata
+            metadata.plugin_data.plugin_name = "histograms"
+            metadata.summary_description = ESD_HISTOGRAM_DESCRIPTION
+        get_file_writer().add_summary(summary, global_step, walltime)
+
+    return described

@@ -15,13 +15,22 @@ What a snapshot logs, in one ``run.log`` call:
 
 * the scalar keys of the TensorBoard sink (``<prefix>/<metric>/<layer>``, the phase as
   its ordinal, ``<prefix>/summary/<metric>``);
-* ``<prefix>/esd/<layer>``: ``wandb.Histogram`` of log10 eigenvalues (at most 512 bins,
+* ``<prefix>/esd_log10_eigenvalues/<layer>``: ``wandb.Histogram`` of log10 eigenvalues (at most 512 bins,
   W&B's limit; needs ``keep_evals=True`` on the monitor);
 * every ``figure_every`` snapshots (the first included, and at ``close()`` for the last
   one): ``<prefix>/esd_figure/<layer>`` and ``<prefix>/phase_map`` images and
-  ``<prefix>/layers``, a ``wandb.Table`` of the snapshot's per-layer records.
+  ``<prefix>/layers``, a ``wandb.Table`` of the snapshot's per-layer records; the phase
+  map also at every snapshot where a layer changed phase (models of at most 32 layers).
 
-Alarms call ``run.alert`` (title under 64 characters, the alarm's message as text,
+Every alarm is a row of ``<prefix>/alarms``, a ``wandb.Table`` with the columns
+:data:`~esdwatch.sinks.dashboard.ALARM_COLUMNS` (step, severity, kind, layer, value,
+threshold, message; empty where a value does not exist, as a phase transition's
+threshold), logged once per snapshot that fired alarms, at that snapshot's step. With
+wandb >= 0.19 it is an incremental table (``log_mode="INCREMENTAL"``: each log adds
+the new rows, and the run page shows them all as one table); with an older wandb the
+whole table so far is logged each time (W&B tables are immutable).
+
+Alarms also call ``run.alert`` (title under 64 characters, the alarm's message as text,
 level from its severity) for alarms of severity "warning" or "error" (phase transitions
 are "info": logged, not alerted), rate-limited: one alert per (kind, layer) per
 ``alert_interval_s`` seconds and at most ``max_alerts`` per run (the monitor still logs
@@ -37,8 +46,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from esdwatch.schema import Alarm, LayerRecord, phase_name
-from esdwatch.sinks.dashboard import DashboardSink
-from esdwatch.sinks.tags import SCALAR_METRICS, scalar_metrics
+from esdwatch.sinks.dashboard import ALARM_COLUMNS, DashboardSink, alarm_row
+from esdwatch.sinks.tags import SCALAR_METRICS, dashboard_tag, scalar_metrics
 
 log = logging.getLogger("esdwatch.sinks")
 
@@ -190,6 +199,11 @@ class WandbSink(DashboardSink):
         self.alerts_suppressed = 0
         self._last_alert: dict[tuple[str, str], float] = {}
         self._defined = False
+        #: every alarm's row, in order; the last ``_unlogged`` are not in W&B yet
+        self.alarm_rows: list[list[Any]] = []
+        self._unlogged = 0
+        self._alarm_step: int | None = None
+        self._alarm_table: Any = None
 
     def _define(self) -> None:
         if self._defined:
@@ -206,18 +220,23 @@ class WandbSink(DashboardSink):
         if not records:
             return
         self._define()
+        self._log_alarms()  # a previous snapshot's alarms, when end_snapshot was not called
         step = int(step)
         payload: dict[str, Any] = dict(scalar_metrics(records, self.prefix, self.metrics, self.summary))
         if self.histograms:
             payload.update(self._histograms(records, step))
         if self._remember(records, step):
             payload.update(self._media(step))
+        elif self._phase_map_due():  # a layer changed phase: the map now, whatever figure_every says
+            for key, rgb, caption in self._images(step, esd=False) or []:
+                payload[key] = self._wb.Image(rgb, caption=caption)
         payload[self.step_metric] = step
         self.run.log(payload)
 
     def _histograms(self, records: Sequence[LayerRecord], step: int) -> dict[str, Any]:
+        hist = self._wb.Histogram
         return {
-            f"{self.prefix}/esd/{rec.name}": self._wb.Histogram(np_histogram=(h.counts.tolist(), h.edges.tolist()))
+            dashboard_tag(self.prefix, "esd", rec.name): hist(np_histogram=(h.counts.tolist(), h.edges.tolist()))
             for rec, h in self._spectra(records, step)
         }
 
@@ -225,7 +244,7 @@ class WandbSink(DashboardSink):
         out: dict[str, Any] = {}
         if self.table and self._latest:
             rows = [[_cell(rec, c) for c in TABLE_COLUMNS] for rec in self._latest]
-            out[f"{self.prefix}/layers"] = self._wb.Table(columns=list(TABLE_COLUMNS), data=rows)
+            out[dashboard_tag(self.prefix, "layers")] = self._wb.Table(columns=list(TABLE_COLUMNS), data=rows)
         if self.figures:
             for key, rgb, caption in self._images(step) or []:
                 out[key] = self._wb.Image(rgb, caption=caption)
@@ -233,6 +252,38 @@ class WandbSink(DashboardSink):
         return out
 
     def alarm(self, alarm: Alarm) -> None:
+        if self._alarm_step is not None and alarm.step is not None and alarm.step != self._alarm_step:
+            self._log_alarms()
+        self.alarm_rows.append(alarm_row(alarm))
+        self._unlogged += 1
+        if alarm.step is not None:
+            self._alarm_step = int(alarm.step)
+        self._alert(alarm)
+
+    def end_snapshot(self, step: int) -> None:
+        """The snapshot at ``step`` and its alarms are complete: log its rows of the alarm table."""
+        self._log_alarms()
+
+    def _log_alarms(self) -> None:
+        """The alarms not yet in W&B, as one ``run.log`` of the alarm table at their step."""
+        if not self._unlogged:
+            return
+        new, self._unlogged = self.alarm_rows[-self._unlogged :], 0
+        table = self._alarm_table
+        if table is None:
+            try:
+                table = self._wb.Table(columns=list(ALARM_COLUMNS), log_mode="INCREMENTAL")
+                self._alarm_table = table
+            except TypeError:  # wandb < 0.19: no incremental tables; log the whole table anew
+                table = self._wb.Table(columns=list(ALARM_COLUMNS), data=[list(r) for r in self.alarm_rows])
+                new = []
+        for row in new:
+            table.add_data(*row)
+        self._define()
+        step = self._alarm_step if self._alarm_step is not None else (self._last_step or 0)
+        self.run.log({dashboard_tag(self.prefix, "alarms"): table, self.step_metric: int(step)})
+
+    def _alert(self, alarm: Alarm) -> None:
         if not self.alerts or _SEVERITY.get(alarm.severity, 1) < _SEVERITY[self.alert_min_severity]:
             return
         key = (alarm.kind, alarm.layer)
@@ -259,6 +310,11 @@ class WandbSink(DashboardSink):
         if self._closed:
             return
         self._closed = True
+        unlogged = self._unlogged
+        try:
+            self._log_alarms()
+        except Exception as exc:  # the run may be finished already
+            log.warning("esdwatch: the last %d alarms were not logged to W&B: %s", unlogged, exc)
         if self._latest and self._figured_step != self._last_step and (self.figures or self.table):
             try:
                 payload = self._media(int(self._last_step or 0))
