@@ -142,3 +142,34 @@ def test_bootstrap_interval_through_analyze():
     with pytest.raises(ValueError):
         bootstrap_alpha(np.arange(10.0), n_boot=1)
     assert math.isnan(bootstrap_alpha(np.array([1.0, 2.0])).low)
+
+
+# ------------------------------------------------------------------- CLI and monitor
+
+
+@needs_powerlaw
+def test_cli_fit_and_alpha_ci_columns(tmp_path, capsys):
+    import torch
+
+    from esdwatch.cli import main
+
+    path = tmp_path / "w.pt"
+    torch.save({"fc.weight": synthetic.heavy_tailed(200, 100, seed=5, mu=1.5).float()}, path)
+    assert main(["analyze", str(path)]) == 0
+    header = capsys.readouterr().out.splitlines()[1].split()
+    assert "alpha_sigma" in header and "best_fit" not in header and "alpha_ci_low" not in header
+    assert main(["analyze", str(path), "--fit", "TPL", "--alpha-ci"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[1].split()
+    assert {"alpha_sigma", "alpha_ci_low", "alpha_ci_high", "best_fit"} <= set(header)
+    assert lines[3].split()[header.index("best_fit")] in ("PL", "TPL", "lognormal", "exponential")
+
+
+def test_monitor_option_is_checked():
+    from esdwatch.monitor.options import AnalysisOptions
+
+    with pytest.raises(ValueError, match="fit must be one of"):
+        AnalysisOptions(fit="pl")
+    assert AnalysisOptions().config(keep_evals=False).fit == "PL"
+    if HAVE_POWERLAW:
+        assert AnalysisOptions(fit="E_TPL").config(keep_evals=False).fit == "E_TPL"
