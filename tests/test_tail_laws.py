@@ -173,3 +173,31 @@ def test_monitor_option_is_checked():
     assert AnalysisOptions().config(keep_evals=False).fit == "PL"
     if HAVE_POWERLAW:
         assert AnalysisOptions(fit="E_TPL").config(keep_evals=False).fit == "E_TPL"
+
+
+# ----------------------------------------------------------------------- reporting
+
+
+def _record(step, **fields):
+    from esdwatch.schema import LayerRecord, LayerReport
+
+    report = LayerReport(name="fc", kind="linear", N=200, M=100, Q=2.0, alpha=2.5, alpha_sigma=0.2, **fields)
+    return LayerRecord(global_step=step, epoch=0, wall_time=0.0, report=report)
+
+
+def test_alpha_sigma_and_best_fit_are_shown():
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import PolyCollection
+
+    from esdwatch.reporting.figures import trajectory_figure
+    from esdwatch.reporting.html import _sigma_cell
+    from esdwatch.reporting.summary import layer_table
+
+    plain = layer_table([_record(1)])
+    assert "2.50\u00b10.20" in plain and "best_fit" not in plain
+    table = layer_table([_record(1, best_fit="TPL")]).splitlines()
+    assert table[0].split()[4] == "best_fit" and "TPL" in table[2].split()
+    assert _sigma_cell(_record(1).report) == "&plusmn; 0.200"
+    assert "[2.100, 2.900]" in _sigma_cell(_record(1, alpha_ci_low=2.1, alpha_ci_high=2.9).report)
+    fig = trajectory_figure([_record(1), _record(2)], "alpha")
+    assert any(isinstance(c, PolyCollection) for c in fig.axes[0].collections)  # the alpha -/+ sigma band
