@@ -27,8 +27,10 @@ non-nested laws), and for the nested pair PL within TPL the likelihood-ratio tes
 ``P(chi^2_1 > 2 |R_raw|)``.
 
 best_fit: PL unless an alternative beats it with ``R < 0`` and ``p < p_threshold`` (0.1, as
-in CSN); among those that do, the one with the largest log-likelihood, a tie going to the
-law with fewer parameters (exponential).
+in CSN). Among those that do, the simpler law is kept unless a richer one is significantly
+better: the exponential (one parameter) unless TPL or lognormal beats it in their own
+comparison (R > 0, p < 0.1); between TPL and lognormal (two parameters each) the sign of
+their comparison decides.
 
 E_TPL
 -----
@@ -58,6 +60,7 @@ import importlib.util
 import io
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -93,7 +96,6 @@ TAIL_LAWS: dict[str, str] = {
     "lognormal": "lognormal",
     "exponential": "exponential",
 }
-_NUM_PARAMS = {"PL": 1, "TPL": 2, "lognormal": 2, "exponential": 1}
 
 #: Significance level of the likelihood-ratio tests (CSN section 5 use 0.1).
 DEFAULT_P_THRESHOLD = 0.1
@@ -221,28 +223,53 @@ def compare_tail_laws(
         warnings.simplefilter("ignore")
         fit = powerlaw.Fit(x, xmin=float(xmin), parameter_ranges={"alpha": list(ALPHA_RANGE)}, verbose=False)
         tpl = fit.truncated_power_law
+        compare = powerlaw_compare(fit)
         R: dict[str, float] = {}
         p: dict[str, float] = {}
-        loglik: dict[str, float] = {"PL": float(np.sum(fit.power_law.loglikelihoods(fit.data)))}
         for law in ("TPL", "lognormal", "exponential"):
-            r, pv = fit.distribution_compare("power_law", TAIL_LAWS[law], normalized_ratio=True)
-            R[law], p[law] = float(r), float(pv)
-            loglik[law] = float(np.sum(getattr(fit, TAIL_LAWS[law]).loglikelihoods(fit.data)))
-    return TailLaws(
-        tpl_alpha=float(tpl.alpha),
-        tpl_lambda=float(tpl.Lambda),
-        R=R,
-        p=p,
-        best_fit=best_law(R, p, loglik, p_threshold),
-    )
+            R[law], p[law] = compare("PL", law)
+        best = best_law(R, p, compare, p_threshold)
+    return TailLaws(tpl_alpha=float(tpl.alpha), tpl_lambda=float(tpl.Lambda), R=R, p=p, best_fit=best)
 
 
-def best_law(R: dict[str, float], p: dict[str, float], loglik: dict[str, float], p_threshold: float) -> str:
-    """PL unless alternatives beat it significantly; then the likeliest of those (fewer parameters on a tie)."""
-    better = [law for law in R if R[law] < 0 and p[law] < p_threshold]
+def powerlaw_compare(fit: Any) -> Callable[[str, str], tuple[float, float]]:
+    """``compare(a, b)``: powerlaw's normalized log-likelihood ratio of laws a vs b on ``fit``'s tail, and its p."""
+
+    def compare(a: str, b: str) -> tuple[float, float]:
+        R, p = fit.distribution_compare(TAIL_LAWS[a], TAIL_LAWS[b], normalized_ratio=True)
+        return float(R), float(p)
+
+    return compare
+
+
+def best_law(
+    R: dict[str, float],
+    p: dict[str, float],
+    compare: Callable[[str, str], tuple[float, float]],
+    p_threshold: float = DEFAULT_P_THRESHOLD,
+) -> str:
+    """The best tail law from the PL comparisons ``R``/``p`` and a pairwise ``compare(a, b) -> (R, p)``.
+
+    PL unless an alternative beats it (R < 0, p < p_threshold). Of those that do, the
+    exponential (one parameter) unless a two-parameter law beats *it* significantly; of the
+    two-parameter laws left, TPL or lognormal by the sign of their comparison.
+    """
+    better = [law for law in ("TPL", "lognormal", "exponential") if R[law] < 0 and p[law] < p_threshold]
     if not better:
         return "PL"
-    return max(better, key=lambda law: (loglik[law], -_NUM_PARAMS[law]))
+    if "exponential" in better:
+        richer = [law for law in better if law != "exponential" and _beats(compare(law, "exponential"), p_threshold)]
+        if not richer:
+            return "exponential"
+        better = richer
+    if len(better) == 1:
+        return better[0]
+    return "TPL" if compare("TPL", "lognormal")[0] >= 0 else "lognormal"
+
+
+def _beats(comparison: tuple[float, float], p_threshold: float) -> bool:
+    R, p = comparison
+    return R > 0 and p < p_threshold
 
 
 # ----------------------------------------------------------------------- bootstrap
