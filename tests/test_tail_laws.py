@@ -201,3 +201,16 @@ def test_alpha_sigma_and_best_fit_are_shown():
     assert "[2.100, 2.900]" in _sigma_cell(_record(1, alpha_ci_low=2.1, alpha_ci_high=2.9).report)
     fig = trajectory_figure([_record(1), _record(2)], "alpha")
     assert any(isinstance(c, PolyCollection) for c in fig.axes[0].collections)  # the alpha -/+ sigma band
+
+
+@needs_powerlaw
+def test_a_failing_comparison_keeps_the_layer(monkeypatch, caplog):
+    import esdwatch.engine.tail_laws as tail_laws
+
+    def boom(*args, **kwargs):
+        raise FloatingPointError("overflow")
+
+    monkeypatch.setattr(tail_laws, "compare_tail_laws", boom)
+    report = esdwatch.analyze_matrix(synthetic.heavy_tailed(200, 100, seed=0), traps=False, fit="TPL")
+    assert report.ok and math.isfinite(report.alpha) and report.best_fit == ""
+    assert "tail-law comparison failed" in caplog.text

@@ -58,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -82,6 +83,7 @@ __all__ = [
 ]
 
 NAN = float("nan")
+log = logging.getLogger(__name__)
 
 #: Values of the ``fit`` option: the power law only (default), plus the truncated power
 #: law and the best-fit comparison above the scanned x_min (TPL), or above the x_min of
@@ -173,7 +175,12 @@ def tail_law_fields(
     """
     out: dict[str, Any] = {}
     if fit != "PL":
-        out.update(compare_tail_laws(evals, pl_xmin, xmax=xmax).report_fields())
+        try:
+            out.update(compare_tail_laws(evals, pl_xmin, xmax=xmax).report_fields())
+        except ImportError:
+            raise
+        except Exception as exc:  # a numerical failure of an alternative must not lose the layer's report
+            log.warning("esdwatch: tail-law comparison failed (%s: %s); best_fit left empty", type(exc).__name__, exc)
     if alpha_ci:
         interval = bootstrap_alpha(evals, seed=seed, xmin=xmin, xmax=xmax, fix_fingers=fix_fingers)
         out.update(alpha_ci_low=interval.low, alpha_ci_high=interval.high)
