@@ -196,6 +196,35 @@ def uncertainty(s: dict, seed: int) -> str:
 # ------------------------------------------------------------------------------- main
 
 
+def verdict(acc: dict, big: Sequence[int], acc_big: dict[str, float]) -> str:
+    """Which laws meet the >= 90% target at every n_tail >= 200, and from which n_tail the others do."""
+    if not big:
+        return "No size >= 200 in this run."
+    lines = [
+        "At n_tail >= 200 the laws are labelled correctly in "
+        + ", ".join(f"{law} {acc_big[law]:.0%}" for law in LAWS)
+        + " of the draws (target >= 90% each)."
+    ]
+    for law in LAWS:
+        ok = [n for n in big if acc[n][law] >= 0.9]
+        if len(ok) == len(big):
+            lines.append(f"- {law}: >= 90% at every n_tail >= 200.")
+        else:
+            worst = min(big, key=lambda n: acc[n][law])
+            from_n = next((n for n in big if all(acc[m][law] >= 0.9 for m in big if m >= n)), None)
+            lines.append(
+                f"- {law}: below target at n_tail {', '.join(str(n) for n in big if n not in ok)} "
+                f"(worst {acc[worst][law]:.0%} at {worst})" + (f"; >= 90% from n_tail {from_n} on." if from_n else ".")
+            )
+    lines.append(
+        "\nThe misses are lognormal tails labelled TPL and the reverse: both laws bend down on a log-log plot, "
+        "and over the two decades these tails span their likelihoods differ by less than the test's noise "
+        "until n_tail is about 1,000 (the ambiguity Clauset, Shalizi & Newman 2009, section 5, describe). "
+        "A pure power law is labelled TPL or lognormal in up to 10% of the draws: the size of the tests at p < 0.1."
+    )
+    return "\n".join(lines)
+
+
 def accuracy_figure(acc: dict, sizes: Sequence[int]):
     import matplotlib.pyplot as plt
 
@@ -252,17 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"fitted alpha over {s['draws']} draws; bootstrap: {s['boot']} resamples, median over "
         f"{s['boot_reps']} draws.\n\n" + uncertainty(s, args.seed)
     )
-    worst = min(acc_big.values()) if big else float("nan")
-    res.add(
-        "## Verdict\n\n"
-        + (
-            "At n_tail >= 200 the laws are labelled correctly in "
-            + ", ".join(f"{law} {acc_big[law]:.0%}" for law in LAWS)
-            + f" of the draws (worst {worst:.0%}; target >= 90%)."
-            if big
-            else "No size >= 200 in this run."
-        )
-    )
+    res.add("## Verdict\n\n" + verdict(acc, big, acc_big))
     res.write()
     return 0
 

@@ -83,7 +83,7 @@ class AnalysisConfig:
         the ``fits`` extra).
     alpha_ci:
         Add a bootstrap 95% interval of alpha (``alpha_ci_low``/``alpha_ci_high``; the
-        whole fit, x_min scan included, on 200 resamples: about 0.5 s per layer of 400
+        whole fit, x_min scan included, on 200 resamples: 0.5-1 s per layer of 384
         eigenvalues, for the offline analyzer).
     num_threads:
         Torch intra-op threads for the duration of the analysis (``None``: leave as is).

@@ -122,7 +122,7 @@ class AnalysisOptions:
         fix_fingers: put x_min at the peak of the log-ESD (weightwatcher's xmin_peak).
         fit: "PL" (default, the power law only), "TPL" (also the truncated power law and the
             best tail law: PL, TPL, lognormal or exponential) or "E_TPL" (the same above the
-            ESD-peak x_min); TPL/E_TPL need powerlaw (the fits extra) and cost ~0.1 s per
+            ESD-peak x_min); TPL/E_TPL need powerlaw (the fits extra) and cost 0.1-0.3 s per
             layer on the worker (esdwatch.engine.tail_laws).
         seed: seed of the trap test's randomization.
         analyze_fn: replaces esdwatch.engine.analyzer.analyze_layers (picklable for
