@@ -105,3 +105,11 @@ def test_quick_mode_never_writes_the_committed_results(monkeypatch):
     assert common.out_dir(args) != common.RESULTS
     args = common.parser("x").parse_args([])
     assert common.out_dir(args) == common.RESULTS
+
+
+def test_fit_families_smoke(tmp_path):
+    pytest.importorskip("powerlaw")
+    mod = _load("fit_families")
+    _run(mod, tmp_path)
+    text = _check_outputs(tmp_path, "fit_families", 1)
+    assert "## Confusion table" in text and "| 200 | exponential |" in text and "## Uncertainty of alpha" in text

@@ -209,6 +209,23 @@ class LayerReport:
     D: float = NAN
     n_tail: int = -1
 
+    # tail laws (esdwatch.engine.tail_laws; computed with fit="TPL" / "E_TPL", else nan / ""):
+    # the truncated power law ~ x^-tpl_alpha exp(-tpl_lambda x) on the same tail, the best
+    # law ("PL", "TPL", "lognormal", "exponential"), and per alternative the normalized
+    # log-likelihood ratio PL vs it (> 0 favours PL) with its p-value
+    tpl_alpha: float = NAN
+    tpl_lambda: float = NAN
+    best_fit: str = ""
+    fit_R_tpl: float = NAN
+    fit_p_tpl: float = NAN
+    fit_R_lognormal: float = NAN
+    fit_p_lognormal: float = NAN
+    fit_R_exponential: float = NAN
+    fit_p_exponential: float = NAN
+    # bootstrap 95% interval of alpha, x_min re-scanned per resample (alpha_ci=True)
+    alpha_ci_low: float = NAN
+    alpha_ci_high: float = NAN
+
     # norm and shape metrics
     alpha_weighted: float = NAN
     log_norm: float = NAN

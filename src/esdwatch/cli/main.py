@@ -28,8 +28,12 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "N",
     "M",
     "alpha",
+    "alpha_sigma",
+    "alpha_ci_low",
+    "alpha_ci_high",
     "D",
     "xmin",
+    "best_fit",
     "alpha_weighted",
     "log_spectral_norm",
     "stable_rank",
@@ -40,6 +44,14 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "phase",
     "status",
 )
+
+
+#: Columns filled only by an option (fit="TPL"/"E_TPL", alpha_ci=True).
+_OPTIONAL_COLUMNS = frozenset({"alpha_ci_low", "alpha_ci_high", "best_fit"})
+
+
+def _filled(value: Any) -> bool:
+    return value is not None and value != ""
 
 
 def _fmt(value: Any) -> str:
@@ -92,7 +104,9 @@ def render_report(report, fmt: str) -> str:
             writer.writeheader()
             writer.writerows(records)
         return buf.getvalue().rstrip("\n")
-    parts = [f"{len(report.layers)} analyzed matrices ({report.elapsed_s:.2f} s)", format_table(records, TABLE_COLUMNS)]
+    # columns of options that were not asked for (all empty) are left out
+    columns = [c for c in TABLE_COLUMNS if c not in _OPTIONAL_COLUMNS or any(_filled(r.get(c)) for r in records)]
+    parts = [f"{len(report.layers)} analyzed matrices ({report.elapsed_s:.2f} s)", format_table(records, columns)]
     if report.skipped:
         parts.append(f"\n{len(report.skipped)} skipped:")
         parts += [f"  {s.name} {tuple(s.shape)}: {s.reason}" for s in report.skipped]
@@ -114,7 +128,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     import torch
 
     from esdwatch.engine.analyzer import analyze
+    from esdwatch.engine.tail_laws import check_fit
 
+    try:
+        check_fit(args.fit)  # a missing extra is an error before the model is loaded
+    except ImportError as exc:
+        print(f"esdwatch: error: {exc}", file=sys.stderr)
+        return 2
     target = load_target(args.target)
     report = analyze(
         target,
@@ -126,6 +146,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         dtype=torch.float32 if args.float32 else torch.float64,
         device=args.device,
         traps=not args.no_traps,
+        fit=args.fit,
+        alpha_ci=args.alpha_ci,
     )
     text = render_report(report, args.format)
     if args.output:
@@ -172,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float32", action="store_true", help="compute eigenvalues in float32 (faster, less precise)")
     p.add_argument("--device", default=None, help="torch device for the eigenvalues (default: the weights' own)")
     p.add_argument("--no-traps", action="store_true", help="skip the correlation-trap test")
+    p.add_argument(
+        "--fit",
+        choices=("PL", "TPL", "E_TPL"),
+        default="PL",
+        help="tail fit: PL (default), or also the truncated power law and the best tail law "
+        "(TPL; E_TPL: above the ESD-peak x_min); TPL/E_TPL need esdwatch[fits]",
+    )
+    p.add_argument(
+        "--alpha-ci", action="store_true", help="add a bootstrap 95%% interval of alpha (slower: 200 refits per layer)"
+    )
     p.set_defaults(func=_cmd_analyze)
 
     _add_report_command(sub)

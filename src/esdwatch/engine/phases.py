@@ -27,10 +27,12 @@ Evidence
   as in Clauset et al. 2009 section 5) of that power law against an exponential fitted to
   the same tail: > 0 favours the power law (heavy tail), < 0 an exponentially bounded
   tail as MP's or a finite-rank spike set would give; ``tail_p`` its two-sided p-value.
-  Reported as evidence, not used by the rules: on finite spectra it is positive for
-  nearly every tail with more than a handful of points (Bulk-decay included), so its
-  size mostly tracks n_tail; the MP-versus-heavy-tail question is decided by the mass
-  and energy above the fitted edge instead.
+  Its size is not used: on finite spectra it is positive for nearly every tail with more
+  than a handful of points (Bulk-decay included), so it mostly tracks n_tail; the
+  MP-versus-heavy-tail question is decided by the mass and energy above the fitted edge.
+  Only its significant *negative* sign counts, as evidence against a heavy tail (rule 4).
+* ``best_fit`` (with ``fit="TPL"``/``"E_TPL"``, :mod:`esdwatch.engine.tail_laws`): the
+  tail law that describes the tail best; ``"exponential"`` is the same evidence as above.
 
 Decision rules (applied in this order; every number is a :class:`PhaseThresholds` field)
 ------------------------------------------------------------------------------------
@@ -59,7 +61,10 @@ Decision rules (applied in this order; every number is a :class:`PhaseThresholds
    (the finite-size alpha of the heavy-tailed universality classes mu < 4, docs/metrics.md
    section 3; typical well-trained layers have 2 <= alpha <= 4; a layer with a heavy
    but steeper tail, alpha > 4, is weakly heavy-tailed, mu > 4: MP bulk plus a power-law
-   tail, i.e. Bulk-decay).
+   tail, i.e. Bulk-decay). And the tail is not better described by an exponential: a
+   tail where the exponential beats the power law significantly (``tail_llr < 0`` with
+   ``tail_p < tail_p_max = 0.1``, CSN's level, or ``best_fit == "exponential"``) is
+   exponentially bounded, not heavy.
 5. **Bulk+Spikes** if the eigenvalues above the edge are separated spikes: fewer than
    ``decay_min_near = 2`` of them are near the edge (an MP bulk, a gap, then spikes).
 6. **Bulk-decay** otherwise: spikes well above the edge *and* a continuum of eigenmass
@@ -134,6 +139,8 @@ class PhaseThresholds:
         ... carrying at least this share of ``sum lambda_i = ||W||_F^2`` (0.4) ...
     ht_alpha:
         ... and a power-law tail with ``alpha <= ht_alpha`` (4).
+    tail_p_max:
+        ... and no exponential fitting the tail better at p < ``tail_p_max`` (0.1).
     conf_factor, conf_tw:
         Scales of the confidence margins: a factor ``conf_factor`` (2) from a ratio
         threshold, or ``conf_tw`` (4) TW units from the edge margin, is full confidence.
@@ -151,6 +158,7 @@ class PhaseThresholds:
     ht_alpha: float = 4.0
     conf_factor: float = 2.0
     conf_tw: float = 4.0
+    tail_p_max: float = 0.1
 
 
 DEFAULT_THRESHOLDS = PhaseThresholds()
@@ -259,6 +267,20 @@ def tail_comparison(evals: np.ndarray, xmin: float, alpha: float) -> tuple[float
     return stat, math.erfc(abs(stat) / math.sqrt(2.0))
 
 
+def _tail_check(tail_llr: float, tail_p: float, best_fit: str, th: PhaseThresholds) -> tuple[bool, float]:
+    """(is the tail not exponential, margin): rule 4's check that no exponential beats the power law.
+
+    Fails when the exponential fits the tail significantly better (``tail_llr < 0`` with
+    ``tail_p < tail_p_max``) or ``best_fit`` says exponential; the margin is the p-value's
+    ratio margin to ``tail_p_max``, full when the power law is favoured (no evidence at all).
+    """
+    if best_fit == "exponential":
+        return False, 1.0
+    if not (math.isfinite(tail_llr) and math.isfinite(tail_p)) or tail_llr >= 0:
+        return True, 1.0
+    return tail_p >= th.tail_p_max, _ratio_margin(tail_p, th.tail_p_max, th.conf_factor)
+
+
 def _ratio_margin(x: float, threshold: float, factor: float) -> float:
     """|ln(x / threshold)| / ln(factor), in [0, 1]; 1 for x = 0 or inf against a finite c."""
     if not (x > 0) or math.isinf(x):
@@ -286,7 +308,7 @@ def classify(
     M: int,
     thresholds: PhaseThresholds | None = None,
     *,
-    power_law: Mapping[str, float] | None = None,
+    power_law: Mapping[str, Any] | None = None,
     mp: Any = None,
 ) -> PhaseResult:
     """The phase of training of one ESD (decision rules in the module docstring).
@@ -304,7 +326,7 @@ def classify(
         A :class:`PhaseThresholds`; default :data:`DEFAULT_THRESHOLDS`.
     power_law:
         An already computed power-law fit (keys ``alpha``, ``xmin``, ``D``, optional
-        ``n_tail``) to reuse instead of fitting again, e.g. a LayerReport's.
+        ``n_tail`` and ``best_fit``) to reuse instead of fitting again, e.g. a LayerReport's.
     mp:
         An already computed :func:`~esdwatch.engine.mp.fit_mp` of these eigenvalues with this
         (N, M) and ``thresholds.tw_margin``, to reuse instead of fitting again.
@@ -409,6 +431,7 @@ def classify(
         pl = fit_power_law(ev)
         alpha, xmin, D, n_tail = float(pl.alpha), float(pl.xmin), float(pl.D), int(pl.n_tail)
     tail_llr, tail_p = tail_comparison(ev, xmin, alpha)
+    best_fit = str(power_law.get("best_fit", "")) if power_law is not None else ""
 
     evidence: dict[str, Any] = dict(
         base,
@@ -465,6 +488,7 @@ def classify(
             math.isfinite(alpha) and alpha <= th.ht_alpha,
             _ratio_margin(alpha, th.ht_alpha, th.conf_factor) if math.isfinite(alpha) else 1.0,
         ),
+        "tail": _tail_check(tail_llr, tail_p, best_fit, th),
     }
     if all(ok for ok, _ in ht_checks.values()):
         return result(
@@ -472,7 +496,7 @@ def classify(
             path_margins + [min(m for _, m in ht_checks.values())],
             f"no good MP edge: {mass_above:.1%} of the eigenvalues (>= {th.ht_mass:g}) and {energy_above:.0%} "
             f"of ||W||_F^2 (>= {th.ht_energy:g}) above it, lambda_max = {ratio:.3g} lambda_plus; "
-            f"power-law tail alpha = {alpha:.3g} (<= {th.ht_alpha:g})",
+            f"power-law tail alpha = {alpha:.3g} (<= {th.ht_alpha:g}), not exponential",
         )
     # not heavy-tailed: the failing condition furthest from its threshold is the margin
     path_margins.append(max(m for ok, m in ht_checks.values() if not ok))
@@ -515,6 +539,7 @@ def classify_report(report: Any, evals: Any, thresholds: PhaseThresholds | None 
             "xmin": float(getattr(report, "xmin", NAN)),
             "D": float(getattr(report, "D", NAN)),
             "n_tail": int(getattr(report, "n_tail", -1)),
+            "best_fit": str(getattr(report, "best_fit", "") or ""),
         }
     res = classify(evals, report.N, report.M, thresholds, power_law=power_law, mp=mp)
     changes: dict[str, Any] = {

@@ -32,6 +32,7 @@ import torch
 from esdwatch.alarms.policy import Action, AlarmPolicy
 from esdwatch.alarms.rules import AlarmRule
 from esdwatch.engine.analyzer import AnalysisConfig
+from esdwatch.engine.tail_laws import check_fit
 
 __all__ = [
     "AnalysisOptions",
@@ -119,6 +120,10 @@ class AnalysisOptions:
         xmin: fix the power-law x_min instead of scanning it.
         xmax: fix the power-law x_max.
         fix_fingers: put x_min at the peak of the log-ESD (weightwatcher's xmin_peak).
+        fit: "PL" (default, the power law only), "TPL" (also the truncated power law and the
+            best tail law: PL, TPL, lognormal or exponential) or "E_TPL" (the same above the
+            ESD-peak x_min); TPL/E_TPL need powerlaw (the fits extra) and cost 0.1-0.3 s per
+            layer on the worker (esdwatch.engine.tail_laws).
         seed: seed of the trap test's randomization.
         analyze_fn: replaces esdwatch.engine.analyzer.analyze_layers (picklable for
             worker="process").
@@ -133,12 +138,14 @@ class AnalysisOptions:
     xmin: float | None = None
     xmax: float | None = None
     fix_fingers: bool = False
+    fit: Literal["PL", "TPL", "E_TPL"] = "PL"
     seed: int = 0
     analyze_fn: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         _dtype(self.dtype)
         _choice("method", self.method, ("auto", "gram", "svd"))
+        check_fit(self.fit)
         if self.analyze_fn is not None and not callable(self.analyze_fn):
             raise TypeError(f"analyze_fn must be callable, got {type(self.analyze_fn).__name__}")
 
@@ -151,6 +158,7 @@ class AnalysisOptions:
             xmin=self.xmin,
             xmax=self.xmax,
             fix_fingers=self.fix_fingers,
+            fit=self.fit,
             mp_fit=self.mp_fit,
             phases=self.phases,
             traps=self.traps,

@@ -239,7 +239,12 @@ def draw_esd(
         frac = n_tail / n_total if n_total > 0 and n_tail > 0 else 1.0
         x = np.geomspace(xmin, top, 100)
         y = frac * (alpha - 1.0) / xmin * (x / xmin) ** (-alpha)
-        ax.plot(x, y, color="#d7301f", lw=1.8, ls="--", label=f"power law, \u03b1 = {alpha:.2f}")
+        sigma = _num(report.alpha_sigma)
+        label = f"power law, \u03b1 = {alpha:.2f}" + (f" \u00b1 {sigma:.2f}" if math.isfinite(sigma) else "")
+        ax.plot(x, y, color="#d7301f", lw=1.8, ls="--", label=label)
+        if math.isfinite(sigma) and alpha - sigma > 1:  # the fit's alpha -/+ its standard error
+            y_lo, y_hi = (frac * (a - 1.0) / xmin * (x / xmin) ** (-a) for a in (alpha - sigma, alpha + sigma))
+            ax.fill_between(x, np.minimum(y_lo, y_hi), np.maximum(y_lo, y_hi), color="#d7301f", alpha=0.15, lw=0)
         ax.axvline(xmin, color="#d7301f", ls=":", lw=1.0, label="x_min")
         xs_lo, xs_hi = min(xs_lo, xmin), max(xs_hi, top)
     ax.set_xscale("log")
@@ -475,6 +480,7 @@ def trajectory_figure(
     snaps = _snapshots(records)
     order = list(layers) if layers is not None else layer_order([[r.name for r in recs] for _, recs in snaps])
     series: dict[str, tuple[list[int], list[float]]] = {name: ([], []) for name in order}
+    sigmas: dict[str, list[float]] = {name: [] for name in order}  # alpha's band
     for step, recs in snaps:
         for rec in recs:
             if rec.name not in series:
@@ -486,6 +492,7 @@ def trajectory_figure(
                 v = _num(getattr(rec.report, metric, math.nan))
             series[rec.name][0].append(step)
             series[rec.name][1].append(v)
+            sigmas[rec.name].append(_num(getattr(rec.report, "alpha_sigma", math.nan)))
     fig = _figure(*size, dpi=dpi)
     ax = fig.add_subplot(1, 1, 1)
     import matplotlib
@@ -495,6 +502,9 @@ def trajectory_figure(
         xs, ys = series[name]
         color = cmap(i / max(len(order) - 1, 1)) if len(order) > 10 else cmap(i % 10)
         ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, ms=3, lw=1.3, color=color, label=name)
+        if metric == "alpha":  # alpha -/+ its standard error (alpha_sigma)
+            y, s = np.asarray(ys, dtype=float), np.asarray(sigmas[name], dtype=float)
+            ax.fill_between(xs, y - s, y + s, where=np.isfinite(y - s), color=color, alpha=0.15, lw=0)
     if metric == "alpha":
         ax.axhspan(2.0, 6.0, color="#41ab5d", alpha=0.08, lw=0)
     if metric == "phase":

@@ -158,6 +158,14 @@ img{max-width:100%;height:auto;border:1px solid #eee;margin:4px 0}
 """
 
 
+def _sigma_cell(r: Any) -> str:
+    """alpha's standard error (&plusmn;), and the bootstrap interval when there is one."""
+    cell = f"&plusmn; {_num(r.alpha_sigma)}"
+    if math.isfinite(r.alpha_ci_low):
+        cell += f" <small>[{_num(r.alpha_ci_low)}, {_num(r.alpha_ci_high)}]</small>"
+    return cell
+
+
 def _phase_cell(phase: Any) -> str:
     from esdwatch.reporting.figures import PHASE_COLORS
 
@@ -235,7 +243,8 @@ def build_report(
     )
     head = (
         "<tr><th class='l'>layer</th><th class='l'>kind</th><th>N &times; M</th><th class='l'>phase</th>"
-        "<th>alpha</th><th>D</th><th>alpha_weighted</th><th>entropy</th><th>MP soft rank</th>"
+        "<th>alpha</th><th title='standard error; bootstrap 95% interval'>&plusmn; sigma</th>"
+        "<th>D</th><th class='l'>best fit</th><th>alpha_weighted</th><th>entropy</th><th>MP soft rank</th>"
         "<th>stable rank</th><th>spikes</th><th>traps</th><th class='l'>status</th></tr>"
     )
     rows = []
@@ -243,7 +252,8 @@ def build_report(
         r = rec.report
         rows.append(
             f"<tr><td class='l'>{_esc(r.name)}</td><td class='l'>{_esc(r.kind)}</td><td>{r.N} &times; {r.M}</td>"
-            f"<td class='l'>{_phase_cell(r.phase)}</td><td>{_num(r.alpha)}</td><td>{_num(r.D)}</td>"
+            f"<td class='l'>{_phase_cell(r.phase)}</td><td>{_num(r.alpha)}</td><td>{_sigma_cell(r)}</td>"
+            f"<td>{_num(r.D)}</td><td class='l'>{_esc(r.best_fit or '-')}</td>"
             f"<td>{_num(r.alpha_weighted)}</td><td>{_num(r.entropy)}</td><td>{_num(r.mp_softrank)}</td>"
             f"<td>{_num(r.stable_rank, '.2f')}</td><td>{_count(r.num_spikes)}</td><td>{_count(r.num_traps)}</td>"
             f"<td class='l'>{_esc(r.status)}</td></tr>"

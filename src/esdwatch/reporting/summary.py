@@ -1,6 +1,7 @@
 """The end-of-run summary a user reads in the terminal: one table and a few lines.
 
-:func:`layer_table` is the last snapshot's layers (shape, phase, alpha, entropy, stable
+:func:`layer_table` is the last snapshot's layers (shape, phase, alpha ± its standard error,
+the best tail law when fit="TPL"/"E_TPL" ran, entropy, stable
 rank, MP soft rank, the alarm kinds fired on the layer, status); :func:`run_summary` adds
 the snapshots taken and skipped, the alarms by kind with their layers, the matrices that
 were found but not analysed (and why) and where the records are. The monitor prints it
@@ -32,6 +33,12 @@ def fmt(value: Any, digits: int = 3) -> str:
     return "-" if not math.isfinite(v) else f"{v:.{digits}f}"
 
 
+def _alpha(alpha: float, sigma: float) -> str:
+    """alpha with its standard error, ``2.46±0.16`` (alpha alone when sigma is missing)."""
+    text = fmt(alpha, 2)
+    return text if text == "-" or fmt(sigma) == "-" else f"{text}\u00b1{fmt(sigma, 2)}"
+
+
 def _alarm_kinds(alarms: Iterable[Alarm]) -> dict[str, list[str]]:
     by_layer: dict[str, list[str]] = defaultdict(list)
     for a in alarms:
@@ -47,6 +54,9 @@ def layer_table(records: Sequence[LayerRecord], alarms: Iterable[Alarm] | None =
     """
     kinds = None if alarms is None else _alarm_kinds(alarms)
     header = TABLE_HEADER if kinds is not None else tuple(h for h in TABLE_HEADER if h != "alarms")
+    best_fit = any(r.report.best_fit for r in records)  # fit="TPL"/"E_TPL" ran
+    if best_fit:
+        header = (*header[:4], "best_fit", *header[4:])
     rows: list[tuple[str, ...]] = [header]
     for r in records:
         rep = r.report
@@ -54,7 +64,8 @@ def layer_table(records: Sequence[LayerRecord], alarms: Iterable[Alarm] | None =
             rep.name,
             f"{rep.N}x{rep.M}",
             rep.phase,
-            fmt(rep.alpha, 2),
+            _alpha(rep.alpha, rep.alpha_sigma),
+            *([rep.best_fit or "-"] if best_fit else []),
             fmt(rep.entropy, 3),
             fmt(rep.stable_rank, 1),
             fmt(rep.mp_softrank, 3),
