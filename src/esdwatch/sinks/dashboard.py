@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from esdwatch.schema import LayerRecord, Log10Histogram, log10_histogram
+from esdwatch.schema import LatestRecords, LayerRecord, Log10Histogram, log10_histogram
 from esdwatch.sinks.tags import prefix_for
 
 log = logging.getLogger("esdwatch.sinks")
@@ -62,6 +62,7 @@ class DashboardSink:
         self.snapshots = 0
         self._last_step: int | None = None
         self._latest: list[LayerRecord] = []
+        self._by_layer = LatestRecords()  # each layer's latest record: the summary under rotation
         self._figured_step: int | None = None
         self._phases: list[tuple[int, dict[str, str]]] = []
         self._no_evals_warned = False

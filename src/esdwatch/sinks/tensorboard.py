@@ -230,7 +230,9 @@ class TensorBoardSink(DashboardSink):
         w = self.writer
         if self.custom_scalars:
             self._layout_once()
-        for tag, value in scalar_metrics(records, self.prefix, self.metrics, self.summary).items():
+        for tag, value in scalar_metrics(
+            records, self.prefix, self.metrics, self.summary, self._by_layer.update(records)
+        ).items():
             w.add_scalar(tag, value, global_step=step, walltime=wall)
         if self.histograms:
             self._write_histograms(records, step, wall)

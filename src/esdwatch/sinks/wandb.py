@@ -207,7 +207,9 @@ class WandbSink(DashboardSink):
             return
         self._define()
         step = int(step)
-        payload: dict[str, Any] = dict(scalar_metrics(records, self.prefix, self.metrics, self.summary))
+        payload: dict[str, Any] = dict(
+            scalar_metrics(records, self.prefix, self.metrics, self.summary, self._by_layer.update(records))
+        )
         if self.histograms:
             payload.update(self._histograms(records, step))
         if self._remember(records, step):
