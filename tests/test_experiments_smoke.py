@@ -105,3 +105,13 @@ def test_quick_mode_never_writes_the_committed_results(monkeypatch):
     assert common.out_dir(args) != common.RESULTS
     args = common.parser("x").parse_args([])
     assert common.out_dir(args) == common.RESULTS
+
+
+def test_gpu_check_smoke(tmp_path):
+    """The GPU check's CPU fallback at its smallest: every part runs (FSDP says n/a without CUDA)."""
+    mod = _load("gpu_check")
+    _run(mod, tmp_path)
+    text = _check_outputs(tmp_path, "gpu_check", 0)
+    assert "## Engine on Llama-7B shapes (cpu)" in text and "| 1000x128 |" in text
+    assert "## Training slowdown (cpu)" in text and '| "auto", layers_per_snapshot="auto" |' in text
+    assert "## Lightning FSDP" in text and "FAILED" not in text

@@ -135,6 +135,24 @@ def test_alarm_patience_counts_a_rotated_layers_own_snapshots():
     assert [(a.kind, a.layer) for a in fired] == [("over_regularized", "a")]
 
 
+def test_fsdp1_units_take_the_choice_over_the_previous_snapshots_layers_and_every_new_layer():
+    from esdwatch.engine.layers import LayerMatrix
+
+    def mats(names):
+        return [LayerMatrix(n, "linear", "Linear", torch.zeros(1, 16, 16)) for n in names]
+
+    rot = LayerRotation(2, 0.05)
+    first = rot.choice(1, None)
+    assert first.unit(mats("ab")) == [True, True] and first.unit(mats("cd")) == [True, True]  # nothing known
+    first.finish(1, list("abcd"))
+    second = rot.choice(1, None)
+    got = second.unit(mats("ab")) + second.unit(mats("cde"))  # e is new: taken too
+    assert got == [True, True, False, False, True]
+    second.finish(2, ["a", "b", "e"])
+    third = rot.choice(1, None)
+    assert third.unit(mats("abcde")) == [False, False, True, True, False]  # c, d: never taken since step 1
+
+
 # ------------------------------------------------------------------ monitor runs
 
 
