@@ -115,3 +115,12 @@ def test_gpu_check_smoke(tmp_path):
     assert "## Engine on Llama-7B shapes (cpu)" in text and "| 1000x128 |" in text
     assert "## Training slowdown (cpu)" in text and '| "auto", layers_per_snapshot="auto" |' in text
     assert "## Lightning FSDP" in text and "FAILED" not in text
+
+
+def test_bench_rotation_smoke(tmp_path):
+    """The rotation benchmark at its smallest: every configuration ran and has its row."""
+    mod = _load("bench_rotation")
+    _run(mod, tmp_path)
+    text = _check_outputs(tmp_path, "bench_rotation", 0)
+    for name in mod.CONFIGS:
+        assert f"\n| {name} |" in text

@@ -213,6 +213,41 @@ def test_each_layer_is_recorded_at_the_steps_it_was_copied_and_the_summary_is_ov
     assert mon.latest_summary["alpha"] == pytest.approx(summarize(r.report for r in mon.latest.values())["alpha"])
 
 
+def test_dashboard_summaries_and_the_html_report_use_each_layers_latest_values(tmp_path):
+    pytest.importorskip("matplotlib")
+    from esdwatch.reporting.html import build_report
+    from esdwatch.sinks.metrics_logger import MetricsLoggerSink
+
+    class Logger:
+        def __init__(self):
+            self.rows: list[tuple[int, dict]] = []
+
+        def log_metrics(self, metrics, step):
+            self.rows.append((step, dict(metrics)))
+
+    logger = Logger()
+    model = _mlp(4)
+    mon = Monitor(
+        model,
+        every_n_steps=1,
+        layers_per_snapshot=2,
+        log_dir=tmp_path,
+        at_end=False,
+        sinks=[MetricsLoggerSink(logger)],
+        **OPTS,
+    )
+    _loop(mon, model, range(1, 5))
+    mon.close()
+    step, last = [row for row in logger.rows if "esdwatch/summary/alpha" in row[1]][-1]
+    assert step == 4 and sum(k.startswith("esdwatch/alpha/") for k in last) == 2  # this snapshot's layers only
+    expected = summarize(r.report for r in mon.latest.values())["alpha"]  # all four, each at its latest step
+    assert last["esdwatch/summary/alpha"] == pytest.approx(expected)
+    assert mon.latest_summary["alpha"] == pytest.approx(expected)
+    page = build_report(tmp_path, max_layers=1).read_text(encoding="utf-8")
+    assert "each layer as of its latest snapshot, steps 3 to 4" in page
+    assert all(f"<td class='l'>{n}</td>" in page for n in "0123")
+
+
 def test_resume_continues_the_rotation_with_the_most_stale_layers(tmp_path):
     model = _mlp(5)
     mon = Monitor(model, every_n_steps=1, layers_per_snapshot=2, log_dir=tmp_path, at_end=False, **OPTS)
