@@ -24,7 +24,7 @@ Three parts, each measured side by side in one run:
    seed and batches in every configuration; configurations alternate within each round
    (the order rotates) and the ratio to the unmonitored run of the same round is the
    median over rounds. Measured: the training loop's wall time (synchronized) with the
-   monitor's ``step`` calls, then ``close()`` (the final drain) apart. Configurations:
+   monitor's ``step`` calls, then ``close()`` (the final drain, at most 5 s) apart. Configurations:
    none; ``every_n_steps=50`` with the analysis on CPU copies (the default), with
    ``device="cuda"`` (GPU only), and with ``layers_per_snapshot="auto"``; ``"auto"``
    without and with rotation. Target: <= 1.03 at ``every_n_steps=50``.
@@ -246,7 +246,7 @@ def train_once(cfg: dict[str, Any] | None, device: str, s: dict[str, Any], log_d
     mon = None
     if cfg is not None:
         # a bounded final drain: a snapshot still in the worker is cut off (its close() time is listed)
-        mon = Monitor(model, log_dir=log_dir, at_end=False, verbose=False, drain_timeout=15.0, **cfg)
+        mon = Monitor(model, log_dir=log_dir, at_end=False, verbose=False, drain_timeout=5.0, **cfg)
         mon.start()
     loss_fn = nn.CrossEntropyLoss()
     _sync(device)
@@ -335,7 +335,8 @@ def slowdown_part(res: common.Results, device: str, s: dict[str, Any], deadline:
         f"{w}x{v}: {params / 1e6:.1f}M parameters; batch {s['batch']} x {s['seq']} tokens, AdamW, "
         f"{s['steps']} steps per run, {len(runs['none'])} round(s). Monitor defaults otherwise (thread worker, "
         "float64, trap test), at_end=False; the loop time includes every `step` call, `close()` (the final "
-        "drain) is listed apart.\n\n" + md_table(head, rows)
+        "drain, bounded by drain_timeout=5 s: a snapshot still in the worker then is cut off) is listed apart.\n\n"
+        + md_table(head, rows)
     )
     key = "every_n_steps=50"
     res.add(
