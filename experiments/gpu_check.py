@@ -443,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="where the result file goes")
     ap.add_argument("--no-ww", action="store_true", help="leave weightwatcher out")
     ap.add_argument("--budget-s", type=float, default=420.0, help="trim repetitions to end within about this")
+    ap.add_argument("--parts", default="engine,slowdown,fsdp", help="comma-separated parts to run (default: all)")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
     cuda = torch.cuda.is_available() and not args.cpu and not args.smoke
     device = "cuda" if cuda else "cpu"
@@ -473,7 +474,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("slowdown", lambda: slowdown_part(res, device, s, t0 + 0.75 * args.budget_s)),
         ("fsdp", lambda: fsdp_part(res, device, s)),
     ]
+    wanted = {p.strip() for p in args.parts.split(",")}
     for label, run in parts:
+        if label not in wanted:
+            continue
         t = time.perf_counter()
         try:
             run()
