@@ -113,3 +113,22 @@ def test_fit_families_smoke(tmp_path):
     _run(mod, tmp_path)
     text = _check_outputs(tmp_path, "fit_families", 1)
     assert "## Confusion table" in text and "| 200 | exponential |" in text and "## Uncertainty of alpha" in text
+
+
+def test_gpu_check_smoke(tmp_path):
+    """The GPU check's CPU fallback at its smallest: every part runs (FSDP says n/a without CUDA)."""
+    mod = _load("gpu_check")
+    _run(mod, tmp_path)
+    text = _check_outputs(tmp_path, "gpu_check", 0)
+    assert "## Engine on Llama-7B shapes (cpu)" in text and "| 1000x128 |" in text
+    assert "## Training slowdown (cpu)" in text and '| "auto", layers_per_snapshot="auto" |' in text
+    assert "## Lightning FSDP" in text and "FAILED" not in text
+
+
+def test_bench_rotation_smoke(tmp_path):
+    """The rotation benchmark at its smallest: every configuration ran and has its row."""
+    mod = _load("bench_rotation")
+    _run(mod, tmp_path)
+    text = _check_outputs(tmp_path, "bench_rotation", 0)
+    for name in mod.CONFIGS:
+        assert f"\n| {name} |" in text

@@ -233,3 +233,27 @@ def test_factory_picks_the_tensorboard_sink_by_its_writer(tmp_path):
     pl_logger = pl_loggers.TensorBoardLogger(str(tmp_path), name="pl")
     (pl_sink,) = sinks_for_loggers([pl_logger])
     assert isinstance(pl_sink, TensorBoardSink) and pl_sink.writer is pl_logger.experiment
+
+
+def test_layout_grows_with_the_layers_of_a_rotation(tmp_path, snapshots):
+    """Under layers_per_snapshot the first snapshot holds a subset: the layout is written again
+    when new layers appear (TensorBoard shows the latest), and never for a known subset."""
+    writer = SummaryWriter(str(tmp_path))
+    sink = TensorBoardSink(writer, figures=False, histograms=False)
+    first, second = snapshots[10][:1], snapshots[20][1:]
+    sink.write(first, 10)
+    sink.write(second, 20)
+    sink.write(first, 30)  # a known layer again: no new layout
+    sink.close()
+    writer.close()
+    ea = _load(tmp_path)
+    events = ea.Tensors("custom_scalars__config__")
+    assert len(events) == 2
+    charts = [
+        [c.title for c in layout_pb2.Layout.FromString(e.tensor_proto.string_val[0]).category[0].chart] for e in events
+    ]
+    assert charts[0] == [f"phase: {r.name}" for r in first]
+    assert charts[1] == [f"phase: {r.name}" for r in first + second]
+    (phases_text,) = [e for e in ea.Tensors("esdwatch/phases/text_summary") if e.step == 20]
+    table = phases_text.tensor_proto.string_val[0].decode()
+    assert all(name in table for name in LAYERS)  # each layer's latest phase, not only the subset's

@@ -372,6 +372,48 @@ class LayerRecord:
         )
 
 
+class LatestRecords:
+    """Each layer's latest record over a run's snapshots, in order (for summaries under rotation).
+
+    With ``layers_per_snapshot`` a snapshot holds a rotating subset of the layers, so the
+    model-level summary of one snapshot would jump with the subset; summaries are computed
+    over each layer's latest record instead (:meth:`update` returns them). A layer missing
+    from a snapshot is kept while the snapshots look like a rotation and dropped (it left
+    the model) once it has been missing for more than twice the longest gap any layer
+    showed before coming back; with every layer in every snapshot (no rotation) a missing
+    layer is dropped at once, so the summary is the snapshot's, as without this class.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[str, LayerRecord] = {}
+        self._missed: dict[str, int] = {}
+        self._max_gap = 0
+        self._rotating = False
+        self._updates = 0
+
+    def update(self, records: Iterable[LayerRecord]) -> list[LayerRecord]:
+        """Add one snapshot's records; the current layers' latest records."""
+        records = list(records)
+        present = {r.name for r in records}
+        for name in present & set(self.records):
+            self._max_gap = max(self._max_gap, self._missed.get(name, 0))
+        new = present - set(self.records)
+        if new and self._updates and len(present) < len(set(self.records) | present):
+            self._rotating = True  # layers never seen arrive while known ones are missing: a rotation
+        self._rotating = self._rotating or self._max_gap > 0
+        for name in [n for n in self.records if n not in present]:
+            self._missed[name] = self._missed.get(name, 0) + 1
+            limit = 2 * self._max_gap if self._max_gap else (None if self._rotating else 0)
+            if limit is not None and self._missed[name] > limit:
+                del self.records[name]
+                del self._missed[name]
+        for rec in records:
+            self.records[rec.name] = rec
+            self._missed[rec.name] = 0
+        self._updates += 1
+        return list(self.records.values())
+
+
 # ---------------------------------------------------------------- spectra
 
 

@@ -144,13 +144,18 @@ class AlarmPolicy:
 
     # ----------------------------------------------------------------- update
 
-    def update(self, reports: Iterable[LayerReport], step: int | None) -> list[Alarm]:
-        """Feed one snapshot's reports (in step order); returns the alarms that fire now."""
+    def update(self, reports: Iterable[LayerReport], step: int | None, *, kept: Iterable[str] = ()) -> list[Alarm]:
+        """Feed one snapshot's reports (in step order); returns the alarms that fire now.
+
+        ``kept``: layers still in the model but not analysed in this snapshot (a rotating
+        subset): their counters and phases are kept as they are, like a failed layer's.
+        """
         reports = list(reports)
         raised = evaluate_alarms(reports, self.rules, step=step)
         by_key = {(a.kind, a.layer): a for a in raised}
-        present = {r.name for r in reports}
-        frozen = {r.name for r in reports if r.status == STATUS_FAILED}
+        kept = set(kept)
+        present = {r.name for r in reports} | kept
+        frozen = {r.name for r in reports if r.status == STATUS_FAILED} | kept
         fired: list[Alarm] = []
         for key, alarm in by_key.items():
             count = self.counters.get(key, 0) + 1

@@ -33,6 +33,7 @@ from esdwatch.monitor.faults import Faults
 from esdwatch.monitor.options import MonitorOptions
 from esdwatch.monitor.outputs import Outputs
 from esdwatch.monitor.publisher import Publisher
+from esdwatch.monitor.rotation import RotationPick
 from esdwatch.monitor.runtime import AnalysisRuntime
 from esdwatch.monitor.schedule import OverheadBudget, Schedule, SnapshotCosts
 from esdwatch.monitor.snapshotter import Outcome, Snapshotter, Taken
@@ -84,13 +85,23 @@ class MonitorParts:
         directory = None if opts.log_dir is None else run_dir(opts.log_dir, opts.name)
         outputs = Outputs(directory, opts.sinks or [], faults, writer=writer, keep_evals=opts.keep_evals)
         stop = StopDecision(distributed=world_size > 1)
+        schedule = Schedule(opts.every_n_steps, opts.every_n_epochs, opts.max_overhead, opts.layers_per_snapshot)
+        rotating = schedule.rotation.active
         return cls(
             options=opts,
-            schedule=Schedule(opts.every_n_steps, opts.every_n_epochs, opts.max_overhead),
+            schedule=schedule,
             budget=OverheadBudget(opts.max_overhead),
             faults=faults,
             outputs=outputs,
-            publisher=Publisher(outputs, opts.alarm_policy(), stop, faults, writer=writer, context=context),
+            publisher=Publisher(
+                outputs,
+                opts.alarm_policy(),
+                stop,
+                faults,
+                writer=writer,
+                context=context,
+                layers_now=(lambda: schedule.rotation.units) if rotating else None,
+            ),
             snapshotter=Snapshotter(
                 opts.find_layers_kwargs, opts.analysis_config, faults, rank=rank, world_size=world_size
             ),
@@ -173,6 +184,20 @@ class Coordinator(abc.ABC):
     # ---- shared steps
     def _block(self, block: bool | None) -> bool:
         return (self.p.options.execution.on_backpressure == "block") if block is None else block
+
+    def _rotation(self, step: int) -> RotationPick | None:
+        """This snapshot's subset of the layers (``layers_per_snapshot``; None: all), the same on every rank."""
+        return self.p.schedule.rotation_choice(step, self.planning_costs(), self._rotation_bytes())
+
+    def _rotation_bytes(self) -> int | None:
+        """What one rotating snapshot may copy under ``"auto"``: half the pending budget when it is given."""
+        given = self.p.options.execution.max_pending_bytes
+        return None if given is None else given // 2
+
+    def _observe(self, names: list[str], cpu_s: float, wall_s: float) -> None:
+        """Measured seconds of the layers analysed together (a rank's part), for the rotation's costs."""
+        if self.p.schedule.rotation.active:
+            self.p.schedule.rotation.observe(names, wall_s if self.p.options.analysis.on_gpu else cpu_s)
 
     def _refresh_interval(self) -> None:
         self.p.schedule.plan_interval(self.planning_costs(), log_changes=self.p.writer)
@@ -303,7 +328,7 @@ class LocalCoordinator(Coordinator):
         if not runtime.has_room(need):
             self._count_skip(step, runtime.room_shortage(need))
             return False
-        taken = self.p.snapshotter.take(model, root, step, epoch, self.seq, pool, runtime.submit)
+        taken = self.p.snapshotter.take(model, root, step, epoch, self.seq, pool, runtime.submit, self._rotation(step))
         if taken.plan is not None:
             self.p.outputs.skipped_layers(step, taken.plan.skipped)
         if taken.outcome is Outcome.EMPTY:
@@ -323,6 +348,7 @@ class LocalCoordinator(Coordinator):
             self._next += 1
             t0 = time.perf_counter()
             self._account(ready)
+            self._observe([r.name for r in ready.reports], ready.cpu_s, ready.wall_s)
             self.p.publisher.publish(ready.step, self._records(ready.step, ready.epoch, ready.wall_time, ready.reports))
             self._refresh_interval()
             self.p.stats["handle_s"] += time.perf_counter() - t0
@@ -335,3 +361,7 @@ class LocalCoordinator(Coordinator):
     def before_checkpoint(self, drain: Callable[[], bool], running: bool) -> None:
         if self.p.runtime.in_flight:
             drain()
+
+    def _rotation_bytes(self) -> int | None:
+        budget = self.p.runtime.budget_bytes  # one process: the budget in force, given or from the memory
+        return budget // 2 if budget else super()._rotation_bytes()

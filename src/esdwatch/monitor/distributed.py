@@ -337,18 +337,25 @@ def plan_snapshot(
     world_size: int,
     *,
     root: nn.Module | None = None,
+    select: Any = None,
 ) -> ShardPlan:
     """Discover, share out and materialize one snapshot (a collective for sharded weights).
 
     ``layer_options`` are :func:`esdwatch.engine.layers.find_layers`'s keyword arguments;
     ``root`` is the module holding FSDP1 units (Lightning: ``trainer.strategy.model``;
-    default ``model``). Call on every rank at the same point.
+    default ``model``). ``select`` (a :class:`~esdwatch.monitor.rotation.RotationPick`):
+    only the matrices it picks are shared out and materialized (rotation; identical on
+    every rank). Call on every rank at the same point.
     """
     units = fsdp1_units(root if root is not None else model)
     if units:
-        return _plan_fsdp1(model, layer_options, rank, world_size, root if root is not None else model, units)
+        return _plan_fsdp1(
+            model, layer_options, rank, world_size, root if root is not None else model, units, select=select
+        )
     with torch.no_grad():
         mats, skipped = find_layers(model, **layer_options)
+    if select is not None:
+        mats = [m for m, keep in zip(mats, select(mats)) if keep]
     costs = [layer_cost(m) for m in mats]
     owners = assign_owners(costs, world_size)
     owned: list[tuple[int, LayerMatrix]] = []
@@ -440,6 +447,7 @@ def _plan_fsdp1(
     world_size: int,
     root: nn.Module,
     units: list[nn.Module],
+    select: Any = None,
 ) -> ShardPlan:
     names: list[str] = []
     owners: list[int] = []
@@ -461,6 +469,8 @@ def _plan_fsdp1(
         with _summon(unit), torch.no_grad():
             mats, sk = find_layers(model, **options)
             fresh = _first_seen(mats, seen)
+            if select is not None:
+                fresh = [m for m, keep in zip(fresh, select.unit(fresh)) if keep]
             c = [layer_cost(m) for m in fresh]
             o = assign_owners(c, world_size, loads)
             for m, ci, oi in zip(fresh, c, o):

@@ -173,7 +173,9 @@ class DistributedCoordinator(Coordinator):
         _, pool = self.p.runtime.ensure()
         seq = self.seq
         wall_time = time.time()
-        taken = self.p.snapshotter.take(model, root, step, epoch, seq, pool, self.p.runtime.submit)
+        taken = self.p.snapshotter.take(
+            model, root, step, epoch, seq, pool, self.p.runtime.submit, self._rotation(step)
+        )
         if taken.plan is not None:
             self.p.outputs.skipped_layers(step, taken.plan.skipped)
         if taken.outcome is Outcome.EMPTY:
@@ -226,6 +228,8 @@ class DistributedCoordinator(Coordinator):
         )
         wall_time = parts[0]["wall_time"] if 0 in parts else min(p["wall_time"] for p in parts.values())
         step, epoch = int(meta["step"]), int(meta["epoch"])
+        for rk in sorted(parts):  # every rank, same parts, same order: the same per-layer costs
+            self._observe([r.name for r in parts[rk]["reports"]], parts[rk]["cpu_s"], parts[rk]["wall_s"])
         if self.p.writer:
             self._report_parts(step, meta, parts)
         self.p.publisher.publish(step, self._records(step, epoch, wall_time, reports))

@@ -232,6 +232,14 @@ class MonitorOptions:
         at_start: also snapshot the initial weights (global step 0, fresh runs only).
         at_end: also snapshot the final weights after the last step.
         max_overhead: the training-time fraction the analysis may cost under "auto".
+        layers_per_snapshot: None (default): every snapshot analyses every watched layer. An int
+            n: each snapshot takes the n layers analysed longest ago (round-robin; a model of L
+            layers is covered every ceil(L / n) snapshots). "auto": as many of those as fit in
+            max_overhead of the training time the snapshot is paid from (the steps since the
+            previous snapshot; under every_n_steps="auto", all steps so far), from each layer's
+            measured analysis time, at least one layer, and at most half of max_pending_bytes.
+            Each record's global_step is the step its layer was copied; summaries use each
+            layer's latest values (esdwatch.monitor.rotation).
         layers: name patterns of the matrices to watch (globs, or "re:" regexes).
         exclude: name patterns to leave out.
         keep_evals: hand each layer's eigenvalues to the sinks, so the dashboards show the
@@ -264,6 +272,7 @@ class MonitorOptions:
     at_start: bool = False
     at_end: bool = True
     max_overhead: float = 0.05
+    layers_per_snapshot: int | Literal["auto"] | None = None
     layers: str | list[str] | None = None
     exclude: str | list[str] | None = None
     keep_evals: bool = True
@@ -294,6 +303,8 @@ class MonitorOptions:
                 raise ValueError(f"every_n_steps must be a positive int or 'auto', got {self.every_n_steps!r}")
         if self.every_n_epochs is not None:
             _positive_int("every_n_epochs", self.every_n_epochs)
+        if self.layers_per_snapshot != "auto":
+            _positive_int("layers_per_snapshot", self.layers_per_snapshot, allow_none=True)
         if not (0 < float(self.max_overhead) < 1):
             raise ValueError(f"max_overhead must be a fraction in (0, 1), got {self.max_overhead!r}")
         for name, group in _GROUPS.items():

@@ -10,6 +10,7 @@ early-stopping callback sees the same values on every rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from typing import Any
 
 from esdwatch.alarms.actions import run_actions
@@ -26,7 +27,15 @@ class Publisher:
     """Writes complete snapshots, fires their alarms and keeps the latest results."""
 
     def __init__(
-        self, outputs: Outputs, policy: AlarmPolicy, stop: StopDecision, faults: Faults, *, writer: bool, context: Any
+        self,
+        outputs: Outputs,
+        policy: AlarmPolicy,
+        stop: StopDecision,
+        faults: Faults,
+        *,
+        writer: bool,
+        context: Any,
+        layers_now: Callable[[], Collection[str]] | None = None,
     ):
         self.outputs = outputs
         self.policy = policy
@@ -42,13 +51,26 @@ class Publisher:
         self.summary_fresh = False
         #: alarms fired in this run segment
         self.alarms: list[Alarm] = []
+        #: rotation (layers_per_snapshot): the model's layers now; each snapshot holds some of them
+        self.layers_now = layers_now
 
     def publish(self, step: int, records: list[LayerRecord]) -> None:
-        """One complete snapshot, in step order."""
+        """One complete snapshot, in step order.
+
+        Under rotation it holds some of the layers: :attr:`latest` keeps each current
+        layer's latest record, the summary is over those, and the alarm policy keeps its
+        counters of the layers not analysed this time.
+        """
+        latest = {r.name: r for r in records}
+        if self.layers_now is not None:
+            now = self.layers_now()
+            latest = {**{n: r for n, r in self.latest.items() if n in now}, **latest}
+        analysed = {r.name for r in records}
+        kept = [n for n in latest if n not in analysed]
         if self.writer:
             self.outputs.write(records, step)
             try:
-                fired = self.policy.update([r.report for r in records], step)
+                fired = self.policy.update([r.report for r in records], step, kept=kept)
             except Exception as exc:
                 fired = []
                 self.faults.internal_error("evaluating the alarms", step, exc)
@@ -63,9 +85,9 @@ class Publisher:
                 request_stop=self.stop.request,
                 on_failure=self.faults.fail,
             )
-        self.latest = {r.name: r for r in records}
+        self.latest = latest
         self.latest_step = step
-        self.latest_summary = summarize([r.report for r in records])
+        self.latest_summary = summarize([r.report for r in latest.values()])
         self.summary_fresh = True
 
     def pop_summary(self) -> dict[str, float] | None:

@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from esdwatch.monitor.rotation import LayerRotation, RotationPick
+
 log = logging.getLogger("esdwatch.monitor")
 
 __all__ = ["AUTO_FIRST_STEP", "OverheadBudget", "Schedule", "SnapshotCosts", "auto_interval"]
@@ -181,7 +183,13 @@ class OverheadBudget:
 class Schedule:
     """The position in training and the decision whether a snapshot is due (no I/O, no clock)."""
 
-    def __init__(self, every_n_steps: int | str | None, every_n_epochs: int | None, max_overhead: float):
+    def __init__(
+        self,
+        every_n_steps: int | str | None,
+        every_n_epochs: int | None,
+        max_overhead: float,
+        layers_per_snapshot: int | str | None = None,
+    ):
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.max_overhead = max_overhead
@@ -193,6 +201,8 @@ class Schedule:
         self.auto_base = 0  # under "auto": the step the interval counts from
         self.last_due_step: int | None = None
         self._logged_interval: int | None = None
+        #: which layers each snapshot takes (all, unless layers_per_snapshot is set)
+        self.rotation = LayerRotation(layers_per_snapshot, max_overhead)
 
     @property
     def auto(self) -> bool:
@@ -233,6 +243,13 @@ class Schedule:
     def skipped(self, step: int) -> None:
         self.auto_base = step  # "auto" waits a whole interval again
 
+    def rotation_choice(self, step: int, costs: SnapshotCosts, max_bytes: int | None) -> RotationPick | None:
+        """The layers of a snapshot at ``step`` (None: all). ``"auto"`` pays each snapshot from the steps
+        since the previous one (under ``every_n_steps="auto"``: from all steps so far; see
+        :func:`~esdwatch.monitor.rotation.snapshot_budget`)."""
+        paid = step if self.auto or self.last_snapshot_step is None else step - self.last_snapshot_step
+        return self.rotation.choice(paid, costs.step_s, max_bytes)
+
     def plan_interval(self, costs: SnapshotCosts, *, log_changes: bool) -> None:
         """Under ``"auto"``: follow the latest measurements (logged when the interval changes by > 25%)."""
         if not self.auto or costs.cost_s is None or costs.step_s is None or costs.step_s <= 0:
@@ -260,6 +277,7 @@ class Schedule:
             "last_epoch": self.last_epoch,
             "last_snapshot_step": self.last_snapshot_step,
             "interval": self.interval,
+            **({"rotation": self.rotation.state_dict()} if self.rotation.active else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -270,3 +288,4 @@ class Schedule:
         self.auto_base = self.last_snapshot_step or 0
         if self.auto:
             self.interval = state.get("interval")
+        self.rotation.load_state_dict(state.get("rotation"))

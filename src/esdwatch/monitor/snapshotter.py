@@ -24,6 +24,7 @@ import torch
 from esdwatch.engine.analyzer import AnalysisConfig
 from esdwatch.monitor.distributed import ShardPlan, plan_snapshot
 from esdwatch.monitor.faults import Faults
+from esdwatch.monitor.rotation import RotationPick
 from esdwatch.monitor.snapshot import BufferPool, take_snapshot
 from esdwatch.monitor.worker import Job
 from esdwatch.schema import SkippedLayer
@@ -80,17 +81,21 @@ class Snapshotter:
         seq: int,
         pool: BufferPool,
         submit: Callable[[Job], None],
+        select: RotationPick | None = None,
     ) -> Taken:
         """Discover, share out, copy and submit (on every rank at the same point when distributed).
 
-        The caller has checked that ``pool`` has a free slot.
+        The caller has checked that ``pool`` has a free slot. ``select``: this snapshot's
+        rotating subset of the layers (:mod:`esdwatch.monitor.rotation`; None: all).
         """
         t0 = time.perf_counter()
         try:
-            plan = plan_snapshot(model, self.find_layers_kwargs, self.rank, self.world_size, root=root)
+            plan = plan_snapshot(model, self.find_layers_kwargs, self.rank, self.world_size, root=root, select=select)
         except Exception as exc:  # a model find_layers cannot walk: skip, never break training
             self.faults.internal_error("discovering the layers", step, exc)
             return Taken(Outcome.FAILED)
+        if select is not None:
+            select.finish(step, plan.names)
         self._note_mode(plan)
         self.skipped_layers = list(plan.skipped)
         if not plan.names:

@@ -42,7 +42,7 @@ from esdwatch.rundir import (
     read_records,
     read_spectra,
 )
-from esdwatch.schema import SUMMARY_METRICS, Alarm, LayerRecord, phase_name, summarize
+from esdwatch.schema import SUMMARY_METRICS, Alarm, LatestRecords, LayerRecord, phase_name, summarize
 
 __all__ = ["ReportError", "find_records", "build_report", "REPORT_FILE"]
 
@@ -214,7 +214,10 @@ def build_report(
     steps = sorted(by_step)
     layers = layer_order([[r.name for r in by_step[s]] for s in steps])
     latest_step = steps[-1]
-    latest = by_step[latest_step]
+    by_layer = LatestRecords()  # each layer's latest record (a rotating subset per snapshot: not all in the last)
+    for s in steps:
+        latest = by_layer.update(by_step[s])
+    first_step = min(r.global_step for r in latest)
     segments = sorted({r.segment for r in records})
     run_name = title or f"esdwatch report: {records_path.parent.parent.name or records_path.parent}"
 
@@ -233,7 +236,11 @@ def build_report(
 
     # latest snapshot: model averages and per-layer table
     avg = summarize([r.report for r in latest], SUMMARY_METRICS)
-    parts.append(f"<h2>Latest snapshot (step {latest_step})</h2>")
+    parts.append(
+        f"<h2>Latest snapshot (step {latest_step})</h2>"
+        if first_step == latest_step
+        else f"<h2>Latest values (each layer as of its latest snapshot, steps {first_step} to {latest_step})</h2>"
+    )
     parts.append(
         "<table><tr>"
         + "".join(f"<th>&lt;{_esc(k)}&gt;</th>" for k in avg)

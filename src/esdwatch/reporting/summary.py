@@ -92,6 +92,9 @@ def run_summary(
 ) -> str:
     """The whole end-of-run summary (see the module docstring)."""
     last = max((r.global_step for r in records), default=None)
+    first = min((r.global_step for r in records), default=None)
+    if first is not None and first != last:  # a rotating subset per snapshot: each layer's latest values
+        last = f"{last} (each layer as of its latest snapshot, steps {first} to {last})"  # type: ignore[assignment]
     lines = [
         f"esdwatch: {snapshots} snapshot(s) analysed"
         + (

@@ -22,7 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from esdwatch.schema import PHASE_TRANSITION, Alarm, LayerRecord, Log10Histogram, log10_histogram, phase_name
+from esdwatch.schema import (
+    PHASE_TRANSITION,
+    Alarm,
+    LatestRecords,
+    LayerRecord,
+    Log10Histogram,
+    log10_histogram,
+    phase_name,
+)
 from esdwatch.sinks.tags import dashboard_tag, finite_value, prefix_for
 
 log = logging.getLogger("esdwatch.sinks")
@@ -132,6 +140,7 @@ class DashboardSink:
         self.snapshots = 0
         self._last_step: int | None = None
         self._latest: list[LayerRecord] = []
+        self._by_layer = LatestRecords()  # each layer's latest record: the summary under rotation
         self._figured_step: int | None = None
         self._phases: list[tuple[int, dict[str, str]]] = []
         #: each layer's phase, since which step, and the phase before

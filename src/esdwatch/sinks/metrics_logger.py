@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from esdwatch.schema import Alarm, LayerRecord
+from esdwatch.schema import Alarm, LatestRecords, LayerRecord
 from esdwatch.sinks.tags import SCALAR_METRICS, finite_value, prefix_for, scalar_metrics
 
 log = logging.getLogger("esdwatch.sinks")
@@ -49,9 +49,10 @@ class MetricsLoggerSink:
         self.metrics = tuple(metrics)
         self.alarms = alarms
         self._last_step: int | None = None
+        self._by_layer = LatestRecords()  # each layer's latest record: the summary under rotation
 
     def write(self, records: Sequence[LayerRecord], step: int) -> None:
-        values = scalar_metrics(records, self.prefix, self.metrics, self.summary)
+        values = scalar_metrics(records, self.prefix, self.metrics, self.summary, self._by_layer.update(records))
         if values:
             self.logger.log_metrics(values, step=int(step))
         self._last_step = int(step)

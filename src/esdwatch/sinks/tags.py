@@ -116,11 +116,14 @@ def scalar_metrics(
     prefix: str = "esdwatch",
     metrics: Sequence[str] = SCALAR_METRICS,
     summary: bool = True,
+    summary_of: Iterable[LayerRecord] | None = None,
 ) -> dict[str, float]:
     """``{"<prefix>/<metric>/<layer>": value, ..., "<prefix>/summary/<metric>": mean}``.
 
     Non-computed values are left out. The summary averages each of
-    :data:`esdwatch.schema.SUMMARY_METRICS` over the layers where it is finite.
+    :data:`esdwatch.schema.SUMMARY_METRICS` over the layers where it is finite: those of
+    ``summary_of`` when given (each layer's latest record, :class:`esdwatch.schema.LatestRecords`,
+    for snapshots holding a rotating subset of the layers), else those of ``records``.
     """
     records = list(records)
     out: dict[str, float] = {}
@@ -130,7 +133,7 @@ def scalar_metrics(
             if v is not None:
                 out[f"{prefix}/{metric}/{rec.name}"] = v
     if summary and records:
-        out.update(summary_metrics(records, prefix))
+        out.update(summary_metrics(records if summary_of is None else summary_of, prefix))
     return out
 
 

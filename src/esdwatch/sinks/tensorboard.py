@@ -83,9 +83,9 @@ MAX_PHASE_CHARTS = 32
 #: The phase ordinals, as a chart's title says them.
 PHASE_SCALE = ", ".join(f"{k} {name}" for k, name in enumerate(PHASES))
 
-# writers that already received a custom-scalars layout (add_custom_scalars: once per writer)
-_LAYOUT_WRITERS: weakref.WeakSet[Any] = weakref.WeakSet()
-_LAYOUT_WRITER_IDS: set[int] = set()
+#: the layers each writer's Custom Scalars layout was written with
+_LAYOUT_LAYERS: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+_LAYOUT_LAYERS_BY_ID: dict[int, tuple[str, ...]] = {}
 
 
 def custom_scalars_layout(
@@ -225,18 +225,26 @@ class TensorBoardSink(DashboardSink):
     # ------------------------------------------------------------------ plumbing
 
     def _layout_once(self, layers: Sequence[str]) -> None:
+        """Write the Custom Scalars layout once per writer, and again when layers appear that it lacks.
+
+        Under ``layers_per_snapshot`` the first snapshot holds a subset of the layers, so the
+        per-layer phase charts grow with the layers seen (TensorBoard shows the latest layout).
+        """
         w = self.writer
         try:
-            if w in _LAYOUT_WRITERS:
-                return
-            _LAYOUT_WRITERS.add(w)
+            written = _LAYOUT_LAYERS.get(w)
+            table: Any = _LAYOUT_LAYERS
+            key: Any = w
         except TypeError:  # not weak-referenceable
-            if id(w) in _LAYOUT_WRITER_IDS:
-                return
-            _LAYOUT_WRITER_IDS.add(id(w))
+            written = _LAYOUT_LAYERS_BY_ID.get(id(w))
+            table, key = _LAYOUT_LAYERS_BY_ID, id(w)
+        if written is not None and set(layers) <= set(written):
+            return
+        names = tuple(written or ()) + tuple(n for n in layers if n not in (written or ()))
+        table[key] = names
         if not callable(getattr(w, "add_custom_scalars", None)):
             return
-        w.add_custom_scalars(custom_scalars_layout(self.prefix, layers=layers))
+        w.add_custom_scalars(custom_scalars_layout(self.prefix, layers=names))
 
     def _step(self, step: int | None) -> int:
         s = int(step) if step is not None else (self._last_step or 0)
@@ -258,16 +266,17 @@ class TensorBoardSink(DashboardSink):
         wall = float(records[0].wall_time) if records[0].wall_time and records[0].wall_time > 0 else None
         w = self.writer
         self._write_alarms()  # a previous snapshot's alarms, when end_snapshot was not called
+        latest = self._by_layer.update(records)  # every layer's latest record (a rotation's subset otherwise)
         if self.custom_scalars:
-            self._layout_once([r.name for r in records])
-        for tag, value in scalar_metrics(records, self.prefix, self.metrics, self.summary).items():
+            self._layout_once([r.name for r in latest])
+        for tag, value in scalar_metrics(records, self.prefix, self.metrics, self.summary, latest).items():
             w.add_scalar(tag, value, global_step=step, walltime=wall)
         if self.histograms:
             self._write_histograms(records, step, wall)
         figures_due = self._remember(records, step) and self.figures
         if self.text:
             w.add_text(dashboard_tag(self.prefix, "layers"), layers_markdown(records), global_step=step, walltime=wall)
-            text = phases_markdown(records, self.phase_spans, step)
+            text = phases_markdown(latest, self.phase_spans, step)
             w.add_text(dashboard_tag(self.prefix, "phases"), text, global_step=step, walltime=wall)
         if figures_due:
             self._write_figures(step, wall)

@@ -222,7 +222,9 @@ class WandbSink(DashboardSink):
         self._define()
         self._log_alarms()  # a previous snapshot's alarms, when end_snapshot was not called
         step = int(step)
-        payload: dict[str, Any] = dict(scalar_metrics(records, self.prefix, self.metrics, self.summary))
+        payload: dict[str, Any] = dict(
+            scalar_metrics(records, self.prefix, self.metrics, self.summary, self._by_layer.update(records))
+        )
         if self.histograms:
             payload.update(self._histograms(records, step))
         if self._remember(records, step):
