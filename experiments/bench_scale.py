@@ -42,7 +42,6 @@ import torch
 from torch import nn
 
 from esdwatch.engine.analyzer import analyze, analyze_matrix
-from esdwatch.engine.powerlaw import fit_power_law
 from esdwatch.engine.synthetic import heavy_tailed
 from esdwatch.engine.tail import AUTO_MIN_M, tail_spectrum
 
@@ -89,32 +88,20 @@ def compare(ref: Any, rep: Any) -> dict[str, Any]:
     }
 
 
-def prefix_rules(evals: np.ndarray, first: int = 128) -> dict[str, Any]:
-    """x_min chosen by the naive and the strict stopping rules on top-c prefixes of exact evals.
+def rule_check(W: torch.Tensor, ref: Any, max_basis: int) -> dict[str, Any]:
+    """Which x_min the naive and the strict stopping rules give, against the full scan.
 
-    The checkpoints are those of the tail path (c doubling); the naive rule stops at the
-    first c where the prefix fit's x_min is not the lowest value; the strict one needs
-    n_tail <= c / 2 and the same x_min as at the previous checkpoint.
+    Both run the tail path with the same basis cap; the naive rule stops as soon as the
+    truncated fit's x_min is not the lowest certified value, the strict one is
+    :func:`esdwatch.engine.tail.xmin_rule`. A rule that never holds within the cap makes
+    the layer fall back to the exact path (no wrong x_min, no gain).
     """
-    desc = np.sort(evals)[::-1]
-    full = fit_power_law(evals)
-    out: dict[str, Any] = {"full_n_tail": full.n_tail}
-    c, prev = min(first, desc.size), None
-    naive = strict = None
-    while True:
-        fit = fit_power_law(desc[:c])
-        if naive is None and fit.ok and fit.n_tail < c:
-            naive = fit
-        if strict is None and fit.ok and fit.n_tail <= c / 2 and prev is not None and prev.xmin == fit.xmin:
-            strict = fit
-        if (naive is not None and strict is not None) or c >= desc.size:
-            break
-        prev, c = fit, min(2 * c, desc.size)
-    naive = naive or full
-    strict = strict or full
-    out["naive_same"] = naive.xmin == full.xmin
-    out["strict_same"] = strict.xmin == full.xmin
-    out["strict_c"] = c
+    out: dict[str, Any] = {"full_n_tail": ref.n_tail}
+    for rule in ("naive", "strict"):
+        ts = tail_spectrum(W, rule=rule, max_basis=max_basis)
+        held = ts.xmin_certified and not ts.complete
+        out[rule] = "fallback" if not held else ("same" if ts.fit.n_tail == ref.n_tail else "**other**")
+        out[rule + "_basis"] = ts.basis
     return out
 
 
@@ -134,14 +121,14 @@ def bench_matrices(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for label, n, m, mu in matrices(args.smoke):
         W = heavy_tailed(n, m, seed=1, mu=mu, dtype=torch.float32)
-        t_exact, ref = timed(lambda: analyze_matrix(W, spectrum="exact", keep_evals=True), args.repeats)
-        t_auto, auto = timed(lambda: analyze_matrix(W, spectrum="auto"), args.repeats)
+        t_exact, ref = timed(lambda W=W: analyze_matrix(W, spectrum="exact", keep_evals=True), args.repeats)
+        t_auto, auto = timed(lambda W=W: analyze_matrix(W, spectrum="auto"), args.repeats)
         row: dict[str, Any] = {"label": label, "shape": f"{n}x{m}", "mu": mu, "t_exact": t_exact, "t_auto": t_auto}
         row["alpha"], row["n_tail_frac"] = ref.alpha, ref.n_tail / min(n, m)
         row["auto"] = compare(ref, auto)
-        row["rules"] = prefix_rules(ref.evals)
+        row["rules"] = rule_check(W, ref, max(128, min(n, m) // 16))
         if args.smoke or auto.spectrum == "tail":
-            t_tail, tail = timed(lambda: analyze_matrix(W, spectrum="tail"), args.repeats)
+            t_tail, tail = timed(lambda W=W: analyze_matrix(W, spectrum="tail"), args.repeats)
             row["t_tail"], row["tail"] = t_tail, compare(ref, tail)
         t0 = time.perf_counter()
         ts = tail_spectrum(W, max_basis=max(128, min(n, m) // 16))
@@ -184,7 +171,9 @@ def gpt2(smoke: bool, trained_like: bool) -> nn.Module:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=1000) if smoke else transformers.GPT2Config()
+    cfg = (
+        transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=1000) if smoke else transformers.GPT2Config()
+    )
     torch.manual_seed(0)
     model = transformers.GPT2Model(cfg)
     if trained_like:
@@ -213,8 +202,8 @@ def bench_models(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for label, make in models:
         model = make()
-        t_exact, ref = timed(lambda: analyze(model, spectrum="exact"), args.repeats)
-        t_auto, auto = timed(lambda: analyze(model, spectrum="auto"), args.repeats)
+        t_exact, ref = timed(lambda model=model: analyze(model, spectrum="exact"), args.repeats)
+        t_auto, auto = timed(lambda model=model: analyze(model, spectrum="auto"), args.repeats)
         pairs = [compare(a, b) for a, b in zip(ref.layers, auto.layers) if a.ok and b.ok]
         row: dict[str, Any] = {"label": label, "t_exact": t_exact, "t_auto": t_auto, "layers": len(ref.layers)}
         row["skipped_exact"], row["skipped_auto"] = len(ref.skipped), len(auto.skipped)
@@ -242,8 +231,8 @@ def crossover(args: argparse.Namespace) -> list[tuple[int, float, float, bool]]:
         AUTO_MIN_M.update(cpu=1, cuda=1)
         for m in sizes:
             W = heavy_tailed(2 * m, m, seed=2, mu=3.5, dtype=torch.float32)
-            t_e, _ = timed(lambda: analyze_matrix(W, spectrum="exact"), args.repeats)
-            t_t, rep = timed(lambda: analyze_matrix(W, spectrum="auto"), args.repeats)
+            t_e, _ = timed(lambda W=W: analyze_matrix(W, spectrum="exact"), args.repeats)
+            t_t, rep = timed(lambda W=W: analyze_matrix(W, spectrum="auto"), args.repeats)
             out.append((m, t_e, t_t, rep.spectrum == "tail"))
             print(f"crossover M={m}: exact {t_e:.2f}s auto-with-tail {t_t:.2f}s ({rep.spectrum})", flush=True)
     finally:
@@ -274,7 +263,8 @@ def write(args: argparse.Namespace, mats: list[dict], models: list[dict], cross:
     L += ["## (a) Llama-7B-shaped matrices (trap test on)", ""]
     L += [
         "| matrix | shape | alpha | n_tail/M | exact s | auto s | speed-up | auto path | |d alpha| | same x_min |"
-        " same trap decision | d entropy | softrank rel err | d rank-collapse | tail basis / certified | x_min certified |",
+        " same trap decision | d entropy | softrank rel err | d rank-collapse | tail basis / certified |"
+        " x_min certified |",
         "|" + "---|" * 16,
     ]
     for r in mats:
@@ -288,7 +278,7 @@ def write(args: argparse.Namespace, mats: list[dict], models: list[dict], cross:
     L.append("")
     tails = [r for r in mats if "tail" in r]
     if tails:
-        L += ["Forced `spectrum=\"tail\"` where it applies:", ""]
+        L += ['Forced `spectrum="tail"` where it applies:', ""]
         L += ["| matrix | tail s | speed-up vs exact | |d alpha| | same x_min | same trap | d entropy | softrank err |"]
         L += ["|" + "---|" * 8]
         for r in tails:
@@ -301,17 +291,21 @@ def write(args: argparse.Namespace, mats: list[dict], models: list[dict], cross:
     ww = [r for r in mats if "t_ww" in r]
     if ww:
         L += [f"weightwatcher defaults on {ww[0]['shape']}: {ww[0]['t_ww']:.2f} s.", ""]
-    L += ["## Stopping rule: x_min of the truncated fit against the full scan", ""]
-    L += ["| matrix | full n_tail | naive rule same x_min | strict rule same x_min | strict rule stops at c |"]
-    L += ["|" + "---|" * 5]
+    L += ["## Stopping rule: x_min of the tail path against the full scan (basis cap M/16)", ""]
+    L += ["| matrix | full n_tail | naive rule | basis | strict rule | basis |", "|" + "---|" * 6]
     for r in mats:
         p = r["rules"]
         L.append(
-            f"| {r['label']} | {p['full_n_tail']} | {_f(p['naive_same'])} | {_f(p['strict_same'])} | {p['strict_c']} |"
+            f"| {r['label']} | {p['full_n_tail']} | {p['naive']} | {p['naive_basis']} | {p['strict']} | "
+            f"{p['strict_basis']} |"
         )
-    naive_bad = sum(not r["rules"]["naive_same"] for r in mats)
-    strict_bad = sum(not r["rules"]["strict_same"] for r in mats)
-    L += ["", f"naive rule: another x_min on {naive_bad} of {len(mats)}; strict rule: {strict_bad} of {len(mats)}.", ""]
+    naive_bad = sum(r["rules"]["naive"] != "same" and r["rules"]["naive"] != "fallback" for r in mats)
+    strict_bad = sum(r["rules"]["strict"] != "same" and r["rules"]["strict"] != "fallback" for r in mats)
+    L += [
+        "",
+        f"another x_min: naive rule on {naive_bad} of {len(mats)}, strict rule on {strict_bad} of {len(mats)}.",
+        "",
+    ]
     prec = [r for r in mats if "prec" in r]
     if prec:
         L += ["## Precision of the products (tail path)", ""]

@@ -105,3 +105,14 @@ def test_quick_mode_never_writes_the_committed_results(monkeypatch):
     assert common.out_dir(args) != common.RESULTS
     args = common.parser("x").parse_args([])
     assert common.out_dir(args) == common.RESULTS
+
+
+def test_bench_scale_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pytest.importorskip("transformers")
+    mod = _load("bench_scale")
+    assert mod.main(["--smoke", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "bench_scale.md").read_text(encoding="utf-8")
+    assert "mode: **smoke**" in text and "## Verdict" in text
+    for section in ("## (a) Llama-7B-shaped", "## Stopping rule", "## (b, c) Models", "## Crossover", "## 7B full"):
+        assert section in text, section

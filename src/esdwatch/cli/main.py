@@ -118,7 +118,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     target = load_target(args.target)
     with progress_bar() as progress:
-            report = analyze(
+        report = analyze(
             target,
             layers=args.layers or None,
             exclude=args.exclude or None,

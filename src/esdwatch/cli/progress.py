@@ -21,7 +21,7 @@ def progress_bar(enabled: bool | None = None, stream: Any = None) -> Iterator[Ca
     if enabled is None:
         enabled = bool(getattr(stream, "isatty", lambda: False)())
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover - tqdm is a dependency
         enabled = False
     if not enabled:
