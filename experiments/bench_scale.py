@@ -120,6 +120,8 @@ def matrices(smoke: bool) -> list[tuple[str, int, int, float]]:
 def bench_matrices(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for label, n, m, mu in matrices(args.smoke):
+        if args.only and label not in args.only:
+            continue
         W = heavy_tailed(n, m, seed=1, mu=mu, dtype=torch.float32)
         t_exact, ref = timed(lambda W=W: analyze_matrix(W, spectrum="exact", keep_evals=True), args.repeats)
         t_auto, auto = timed(lambda W=W: analyze_matrix(W, spectrum="auto"), args.repeats)
@@ -358,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ww-all", action="store_true", help="weightwatcher on the trained-like GPT-2 too")
     parser.add_argument("--no-minilm", action="store_true")
     parser.add_argument("--no-precision", dest="precision", action="store_false")
+    parser.add_argument("--only", action="append", help="only these matrices of (a); no models, no crossover")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: as is; 1 on a loaded machine)"
@@ -372,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke or args.threads:
         torch.set_num_threads(args.threads or 1)
     mats = bench_matrices(args)
-    models = bench_models(args)
-    cross = crossover(args)
+    models = [] if args.only else bench_models(args)
+    cross = [] if args.only else crossover(args)
     path = write(args, mats, models, cross, Path(args.out))
     print(f"wrote {path}")
     return 0

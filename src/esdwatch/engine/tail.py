@@ -328,7 +328,8 @@ def top_spectrum(
         while kry.done < min(check, cap, M) and kry.done < kry.filled:
             kry.step()
         current = _checkpoint(kry, trace, dtype, rtol)
-        if current.complete or kry.done >= cap or stop is None or stop(current, previous):
+        # the rule is asked at every checkpoint, the last one (at the cap) included
+        if stop is None or current.complete or stop(current, previous) or kry.done >= cap:
             return current
         previous = current
         check = 2 * kry.done
@@ -492,7 +493,9 @@ def trap_spectrum(
     """Top of the randomized matrix's spectrum for the trap test (module docstring).
 
     Grows until the number of Ritz values above ``lambda_plus + tw_margin * TW`` (from
-    the MP fit of the pseudo-spectrum) is the same at two successive checkpoints.
+    the MP fit of the pseudo-spectrum) is the same at two successive checkpoints, or is
+    positive at both (the decision is then settled and the count a lower bound: Ritz values
+    approach the eigenvalues from below; the record then lists ``num_traps`` as estimated).
     """
     counts: dict[int, int] = {}
 
@@ -503,7 +506,11 @@ def trap_spectrum(
 
     def stop(current: TopSpectrum, previous: TopSpectrum | None) -> bool:
         counts[current.basis] = count(current)
-        return previous is not None and counts[current.basis] == counts.get(previous.basis)
+        if previous is None:
+            return False
+        before = counts.get(previous.basis, -1)
+        # the count settled, or the decision (traps or not) did: the count is then a lower bound
+        return counts[current.basis] == before or (counts[current.basis] > 0 and before > 0)
 
     return top_spectrum(
         R,
@@ -548,8 +555,9 @@ AUTO_MIN_M: dict[str, int] = {"cpu": 2048, "cuda": 8192}
 #: and a small share bounds what a fallback wastes (about 4 N M^2 / 16 float32 flops).
 AUTO_MAX_BASIS_FRACTION = 1 / 16
 
-#: With ``"tail"`` forced, the basis may grow further (a complete basis would cost more than
-#: the dense path); beyond it the layer falls back to the dense path as well.
+#: With ``"tail"`` forced, the basis may grow further (to M / 4, at least 512 vectors; a
+#: complete basis would cost more than the dense path); beyond it the layer falls back to
+#: the dense path as well.
 TAIL_MAX_BASIS_FRACTION = 0.25
 
 SPECTRUM_MODES = ("exact", "tail", "auto")
@@ -611,8 +619,10 @@ def tail_layer(
 
     W = mat.weight[0] if mat.weight.ndim == 3 else mat.weight
     M = int(mat.M)
-    fraction = TAIL_MAX_BASIS_FRACTION if spectrum == "tail" else AUTO_MAX_BASIS_FRACTION
-    max_basis = max(4 * _DEFAULT_BLOCK, int(fraction * M))
+    if spectrum == "tail":
+        max_basis = max(16 * _DEFAULT_BLOCK, int(TAIL_MAX_BASIS_FRACTION * M))
+    else:
+        max_basis = max(4 * _DEFAULT_BLOCK, int(AUTO_MAX_BASIS_FRACTION * M))
     ts = tail_spectrum(W, scale=mat.scale, device=device, max_basis=max_basis, seed=seed)
     certified = ts.xmin_certified
     evals: np.ndarray | None = None
@@ -632,5 +642,5 @@ def tail_layer(
         rts = trap_spectrum(R, mat.N, M, device=device, tw_margin=tw_margin, max_basis=min(512, max(128, M // 8)))
         rand = pseudo_spectrum(rts)
         if not rts.complete:
-            estimated = tuple(dict.fromkeys(estimated + _TRAP_ESTIMATED))
+            estimated = tuple(dict.fromkeys(estimated + _TRAP_ESTIMATED + ("num_traps",)))
     return TailLayer(evals=evals, rand=rand, overrides=overrides, estimated=estimated, top=ts)
