@@ -93,3 +93,31 @@ def test_missing_target_and_bad_reference(capsys):
 
 def test_directory_without_config(tmp_path):
     assert main(["analyze", str(tmp_path)]) == 2
+
+
+def test_spectrum_option_and_quiet_progress(tmp_path, capsys):
+    path = tmp_path / "w.pt"
+    torch.save(_model().state_dict(), path)
+    assert main(["analyze", str(path), "--spectrum", "tail", "--format", "json", "--no-traps"]) == 0
+    captured = capsys.readouterr()
+    layers = json.loads(captured.out)["layers"]
+    assert {layer["spectrum"] for layer in layers} <= {"exact", "tail"} and len(layers) == 2
+    assert "matrix" not in captured.err  # stderr is not a terminal: no bar
+    with pytest.raises(SystemExit):
+        main(["analyze", str(path), "--spectrum", "fast"])
+
+
+def test_progress_bar_draws_on_a_terminal():
+    import io
+
+    from esdwatch.cli.progress import progress_bar
+
+    stream = io.StringIO()
+    with progress_bar(enabled=True, stream=stream) as progress:
+        progress(1, 3)
+        progress(3, 3)
+    assert "/3 [" in stream.getvalue() and "matrix" in stream.getvalue()
+    quiet = io.StringIO()
+    with progress_bar(stream=quiet) as progress:  # StringIO is not a terminal
+        progress(1, 1)
+    assert quiet.getvalue() == ""

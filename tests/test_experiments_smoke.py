@@ -132,3 +132,14 @@ def test_bench_rotation_smoke(tmp_path):
     text = _check_outputs(tmp_path, "bench_rotation", 0)
     for name in mod.CONFIGS:
         assert f"\n| {name} |" in text
+
+
+def test_bench_scale_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pytest.importorskip("transformers")
+    mod = _load("bench_scale")
+    assert mod.main(["--smoke", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "bench_scale.md").read_text(encoding="utf-8")
+    assert "mode: **smoke**" in text and "## Verdict" in text
+    for section in ("## (a) Llama-7B-shaped", "## Stopping rule", "## (b, c) Models", "## Crossover", "## 7B full"):
+        assert section in text, section

@@ -196,6 +196,11 @@ class LayerReport:
     status: str = STATUS_OK
     status_detail: str = ""
     num_non_finite: int = 0
+    # how the eigenvalues were obtained: "exact" (every eigenvalue) or "tail" (certified top
+    # plus a quadrature bulk, esdwatch.engine.tail); ``estimated``: comma-separated names of
+    # the metrics of this record that are estimates, not exact ("" when none)
+    spectrum: str = "exact"
+    estimated: str = ""
 
     # spectrum
     lambda_max: float = NAN

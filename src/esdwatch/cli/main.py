@@ -127,6 +127,7 @@ def _alarms(report) -> list:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import torch
 
+    from esdwatch.cli.progress import progress_bar
     from esdwatch.engine.analyzer import analyze
     from esdwatch.engine.tail_laws import check_fit
 
@@ -136,19 +137,22 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(f"esdwatch: error: {exc}", file=sys.stderr)
         return 2
     target = load_target(args.target)
-    report = analyze(
-        target,
-        layers=args.layers or None,
-        exclude=args.exclude or None,
-        min_evals=args.min_evals,
-        max_evals=args.max_evals,
-        conv_mode=args.conv_mode,
-        dtype=torch.float32 if args.float32 else torch.float64,
-        device=args.device,
-        traps=not args.no_traps,
-        fit=args.fit,
-        alpha_ci=args.alpha_ci,
-    )
+    with progress_bar() as progress:
+        report = analyze(
+            target,
+            layers=args.layers or None,
+            exclude=args.exclude or None,
+            min_evals=args.min_evals,
+            max_evals=args.max_evals,
+            conv_mode=args.conv_mode,
+            dtype=torch.float32 if args.float32 else torch.float64,
+            device=args.device,
+            traps=not args.no_traps,
+            spectrum=args.spectrum,
+            fit=args.fit,
+            alpha_ci=args.alpha_ci,
+            progress=progress,
+        )
     text = render_report(report, args.format)
     if args.output:
         try:
@@ -189,7 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", action="append", help="include only layers matching this glob (or re:REGEX); repeatable")
     p.add_argument("--exclude", action="append", help="exclude layers matching this glob (or re:REGEX); repeatable")
     p.add_argument("--min-evals", type=int, default=50, help="skip matrices with fewer eigenvalues (default 50)")
-    p.add_argument("--max-evals", type=int, default=15000, help="skip matrices with more eigenvalues (default 15000)")
+    p.add_argument(
+        "--max-evals",
+        type=int,
+        default=15000,
+        help="matrices with more eigenvalues are skipped with --spectrum exact (the default), "
+        "and take the tail path otherwise (default 15000)",
+    )
+    p.add_argument(
+        "--spectrum",
+        choices=("exact", "tail", "auto"),
+        default="exact",
+        help="every eigenvalue (exact, default), certified top + estimated bulk (tail), or by matrix size (auto)",
+    )
     p.add_argument("--conv-mode", choices=("pooled", "slices"), default="pooled")
     p.add_argument("--float32", action="store_true", help="compute eigenvalues in float32 (faster, less precise)")
     p.add_argument("--device", default=None, help="torch device for the eigenvalues (default: the weights' own)")

@@ -28,6 +28,7 @@ from esdwatch.engine.model_report import ModelReport
 from esdwatch.engine.mp import DEFAULT_TW_MARGIN, fit_mp
 from esdwatch.engine.phases import DEFAULT_THRESHOLDS, classify_report
 from esdwatch.engine.spectrum import DeferredMatrix, Method, batch_eigenvalues, iter_eigenvalues
+from esdwatch.engine.tail import TailLayer, check_spectrum, tail_layer, uses_tail
 from esdwatch.engine.tail_laws import FitType, check_fit, tail_law_fields
 from esdwatch.engine.threads import parallel_map
 from esdwatch.engine.traps import randomize_matrix, trap_fields_from_evals
@@ -36,6 +37,7 @@ from esdwatch.schema import (
     STATUS_FAILED,
     STATUS_NON_FINITE,
     LayerReport,
+    SkippedLayer,
 )
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,13 @@ class AnalysisConfig:
         Where eigenvalues are computed; ``None`` keeps each weight on its own device.
     method:
         ``"auto"`` / ``"gram"`` / ``"svd"``: see :mod:`esdwatch.engine.spectrum`.
+    spectrum:
+        ``"exact"`` (every eigenvalue), ``"tail"`` (certified top eigenvalues and a
+        quadrature bulk, :mod:`esdwatch.engine.tail`; each record lists its estimated
+        metrics in ``LayerReport.estimated``) or ``"auto"`` (the tail path for single
+        matrices with M >= ``esdwatch.engine.tail.AUTO_MIN_M`` of the device, the
+        measured crossover; a layer whose x_min is not certified within a quarter of M
+        falls back to the exact path).
     xmin, xmax:
         Fix the power-law tail bounds instead of scanning x_min by KS distance.
     fix_fingers:
@@ -97,6 +106,7 @@ class AnalysisConfig:
     dtype: torch.dtype = torch.float64
     device: str | None = None
     method: Method = "auto"
+    spectrum: str = "exact"
     xmin: float | None = None
     xmax: float | None = None
     fix_fingers: bool = False
@@ -113,6 +123,7 @@ class AnalysisConfig:
 
     def __post_init__(self) -> None:
         check_fit(self.fit)
+        check_spectrum(self.spectrum)
 
 
 @contextlib.contextmanager
@@ -199,18 +210,45 @@ def _analyze_layers(mats: Sequence[LayerMatrix], config: AnalysisConfig) -> list
     n = len(finite_idx)
     if not n:
         return [r for r in reports if r is not None]
+    tails = _tail_layers(mats, finite_idx, config)
     # originals and (for the trap test) their element-wise randomizations go through one
     # batched decomposition; the randomizations are built where they are decomposed (in
     # parallel on the CPU backend, each copy freed as soon as its eigenvalues are known)
-    weights: list[Any] = [mats[i].weight for i in finite_idx]
-    scales = [mats[i].scale for i in finite_idx]
-    if config.traps:
-        weights += [DeferredMatrix(mats[i].weight, partial(randomize_matrix, seed=config.seed)) for i in finite_idx]
-        scales += scales
-    computed = _all_eigenvalues(weights, scales, config)
-    for k, i in enumerate(finite_idx):
-        reports[i] = _finish_layer(mats[i], computed[k], computed.get(n + k), config, dead_units[i])
+    exact = [i for i in finite_idx if i not in tails or tails[i].evals is None]
+    rand = [i for i in finite_idx if config.traps and i not in tails]
+    weights: list[Any] = [mats[i].weight for i in exact]
+    weights += [DeferredMatrix(mats[i].weight, partial(randomize_matrix, seed=config.seed)) for i in rand]
+    scales = [mats[i].scale for i in exact + rand]
+    computed = _all_eigenvalues(weights, scales, config) if weights else {}
+    at = {i: k for k, i in enumerate(exact)}
+    at_rand = {i: len(exact) + k for k, i in enumerate(rand)}
+    for i in finite_idx:
+        tail = tails.get(i)
+        ev = computed[at[i]] if i in at else tail.evals  # type: ignore[union-attr]
+        rev = computed.get(at_rand[i]) if i in at_rand else (tail.rand if tail is not None else None)
+        reports[i] = _finish_layer(mats[i], ev, rev, config, dead_units[i], tail)
     return [r for r in reports if r is not None]
+
+
+def _tail_layers(mats: Sequence[LayerMatrix], idx: Sequence[int], config: AnalysisConfig) -> dict[int, TailLayer]:
+    """The tail path's results for the layers that take it (esdwatch.engine.tail)."""
+    out: dict[int, TailLayer] = {}
+    tw_margin = DEFAULT_TW_MARGIN if config.tw_margin is None else config.tw_margin
+    for i in idx:
+        if not uses_tail(mats[i], config.spectrum, config.device):
+            continue
+        try:
+            out[i] = tail_layer(
+                mats[i],
+                spectrum=config.spectrum,
+                device=config.device,
+                traps=config.traps,
+                seed=config.seed,
+                tw_margin=tw_margin,
+            )
+        except Exception:
+            log.debug("tail path failed for %r, using the exact path", mats[i].name, exc_info=True)
+    return out
 
 
 def _screen_layers(mats: Sequence[LayerMatrix], reports: list[LayerReport | None]) -> dict[int, int]:
@@ -268,16 +306,17 @@ def _all_eigenvalues(
 
 def _finish_layer(
     mat: LayerMatrix,
-    ev: torch.Tensor | Exception,
-    rand: torch.Tensor | Exception | None,
+    ev: Any,
+    rand: Any,
     config: AnalysisConfig,
     dead_units: int,
+    tail: TailLayer | None = None,
 ) -> LayerReport:
     """The report of one finite layer from its spectra (original, and randomized with traps)."""
     if isinstance(ev, Exception):
         return layer_report(mat, status=STATUS_FAILED, status_detail=f"eigenvalues: {type(ev).__name__}: {ev}")
     try:
-        return _analyze_one(mat, ev, None if isinstance(rand, Exception) else rand, config, dead_units)
+        return _analyze_one(mat, ev, None if isinstance(rand, Exception) else rand, config, dead_units, tail)
     except Exception as exc:
         log.warning(
             "esdwatch: analysis of layer %r failed: %s", mat.name, exc, exc_info=log.isEnabledFor(logging.DEBUG)
@@ -287,12 +326,13 @@ def _finish_layer(
 
 def _analyze_one(
     mat: LayerMatrix,
-    evals_t: torch.Tensor,
-    rand_evals_t: torch.Tensor | None,
+    evals_t: Any,
+    rand_evals_t: Any,
     config: AnalysisConfig,
     dead_units: int,
+    tail: TailLayer | None = None,
 ) -> LayerReport:
-    ev = evals_t.detach().to("cpu", torch.float64).numpy()
+    ev = evals_t if isinstance(evals_t, np.ndarray) else evals_t.detach().to("cpu", torch.float64).numpy()
     if mat.kind == "lora":
         ev = _lora_nonzero(ev, mat)
     # one MP fit shared by the metrics and the phase classifier
@@ -313,6 +353,9 @@ def _analyze_one(
         mp=mp,
     )
     fields["dead_units"] = dead_units
+    if tail is not None:
+        fields.update(tail.overrides, estimated=",".join(tail.estimated))
+        fields["spectrum"] = "exact" if tail.evals is None or not tail.overrides else "tail"
     if not (fields.get("lambda_max", 0.0) > 0):
         fields["status"] = STATUS_DEGENERATE
         fields["status_detail"] = "all-zero matrix: no spectrum to fit"
@@ -384,6 +427,7 @@ def analyze(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float64,
     method: Method = "auto",
+    spectrum: str = "exact",
     xmin: float | None = None,
     xmax: float | None = None,
     fix_fingers: bool = False,
@@ -396,6 +440,7 @@ def analyze(
     num_threads: int | None = None,
     fit: FitType = "PL",
     alpha_ci: bool = False,
+    progress: Any = None,
 ) -> ModelReport:
     """Analyse every weight matrix of a model: the offline, whole-model entry point.
 
@@ -408,7 +453,11 @@ def analyze(
     types:
         Layer kinds (``"linear"``, ``"conv2d"`` ...) or module classes to keep.
     min_evals, max_evals:
-        Layers whose M = min(N, M) lies outside are reported in ``skipped``.
+        Layers whose M = min(N, M) lies outside are reported in ``skipped``, with the
+        reason; with ``spectrum`` ``"tail"`` or ``"auto"`` a single matrix above
+        ``max_evals`` is analysed on the tail path instead (nothing is skipped for size).
+    progress:
+        Called as ``progress(done, total)`` after each group of layers (the CLI's bar).
     conv_mode:
         ``"pooled"`` (one ESD per conv layer, weightwatcher's default) or ``"slices"``.
     conv2d_norm:
@@ -424,6 +473,7 @@ def analyze(
         dtype=dtype,
         device=None if device is None else str(device),
         method=method,
+        spectrum=spectrum,
         xmin=xmin,
         xmax=xmax,
         fix_fingers=fix_fingers,
@@ -444,14 +494,68 @@ def analyze(
             exclude=exclude,
             types=types,
             min_evals=min_evals,
-            max_evals=max_evals,
+            max_evals=None if spectrum != "exact" else max_evals,
             conv_mode=conv_mode,
             conv2d_norm=conv2d_norm,
         )
-        reports = analyze_layers(mats, config)
+        mats, skipped, forced = _size_limit(mats, list(skipped), max_evals, spectrum)
+        reports = _analyze_in_groups(mats, config, forced, progress)
     if not mats:
         log.warning("esdwatch: no analyzable layer found (%d skipped)", len(skipped))
     return ModelReport(layers=tuple(reports), skipped=tuple(skipped), elapsed_s=time.perf_counter() - start)
+
+
+def _size_limit(
+    mats: Sequence[LayerMatrix], skipped: list[Any], max_evals: int | None, spectrum: str
+) -> tuple[list[LayerMatrix], list[Any], set[int]]:
+    """Apply ``max_evals`` after discovery when the tail path can take large matrices.
+
+    Returns the layers to analyse, the skipped ones (a conv stack above the limit, which
+    has no tail path, is listed with the reason) and the indices forced onto the tail path.
+    """
+    if spectrum == "exact" or not max_evals:
+        return list(mats), skipped, set()
+    keep: list[LayerMatrix] = []
+    forced: set[int] = set()
+    for mat in mats:
+        if mat.num_evals <= max_evals:
+            keep.append(mat)
+        elif mat.num_slices == 1 and mat.kind != "lora":
+            forced.add(len(keep))
+            keep.append(mat)
+        else:
+            reason = f"num_evals={mat.num_evals} > max_evals={max_evals} (no tail path for a stack of slices)"
+            skipped.append(SkippedLayer(name=mat.name, kind=mat.kind, shape=tuple(mat.weight.shape), reason=reason))
+    return keep, skipped, forced
+
+
+def _analyze_in_groups(
+    mats: Sequence[LayerMatrix], config: AnalysisConfig, forced: set[int], progress: Any
+) -> list[LayerReport]:
+    """analyze_layers over groups of layers (one for exact, one per tail-path layer), with progress.
+
+    Layers in ``forced`` take the tail path whatever ``config.spectrum`` says (above max_evals).
+    """
+    tail_cfg = dataclasses.replace(config, spectrum="tail")
+    is_tail = [i in forced or uses_tail(m, config.spectrum, config.device) for i, m in enumerate(mats)]
+    groups: list[list[int]] = []
+    dense = [i for i, t in enumerate(is_tail) if not t]
+    # the exact layers in groups of similar size so that the bar moves (the batched call
+    # is per group); every tail-path layer on its own
+    size = 8 if progress is not None else max(1, len(dense))
+    for start in range(0, len(dense), size):
+        groups.append(dense[start : start + size])
+    groups += [[i] for i, t in enumerate(is_tail) if t]
+    out: list[LayerReport | None] = [None] * len(mats)
+    done = 0
+    for group in groups:
+        cfg = tail_cfg if group and group[0] in forced else config
+        for i, report in zip(group, analyze_layers([mats[i] for i in group], cfg)):
+            out[i] = report
+        done += len(group)
+        if progress is not None:
+            progress(done, len(mats))
+    return [r for r in out if r is not None]
 
 
 def analyze_matrix(

@@ -114,6 +114,9 @@ class AnalysisOptions:
         device: where the analysis runs (None: on CPU copies; "cuda": on the GPU, on a side
             stream, thread worker only).
         method: eigenvalue route, "auto", "gram" or "svd".
+        spectrum: "exact" (every eigenvalue), "tail" (certified top eigenvalues, estimated
+            bulk: esdwatch.engine.tail) or "auto" (tail for large matrices, M >= 2048 on
+            a CPU, 8192 on a GPU; records say which metrics are estimated).
         mp_fit: fit the Marchenko-Pastur bulk (lambda_plus, soft rank, spikes).
         phases: classify each layer's phase of training (the 5+1 phases).
         traps: run the correlation-trap test (one more eigendecomposition per layer).
@@ -132,6 +135,7 @@ class AnalysisOptions:
     dtype: Literal["float64", "float32"] = "float64"
     device: str | None = None
     method: Literal["auto", "gram", "svd"] = "auto"
+    spectrum: Literal["exact", "tail", "auto"] = "exact"
     mp_fit: bool = True
     phases: bool = True
     traps: bool = True
@@ -146,6 +150,7 @@ class AnalysisOptions:
         _dtype(self.dtype)
         _choice("method", self.method, ("auto", "gram", "svd"))
         check_fit(self.fit)
+        _choice("spectrum", self.spectrum, ("exact", "tail", "auto"))
         if self.analyze_fn is not None and not callable(self.analyze_fn):
             raise TypeError(f"analyze_fn must be callable, got {type(self.analyze_fn).__name__}")
 
@@ -155,6 +160,7 @@ class AnalysisOptions:
             dtype=_dtype(self.dtype),
             device=None if self.device is None else str(self.device),
             method=self.method,
+            spectrum=self.spectrum,
             xmin=self.xmin,
             xmax=self.xmax,
             fix_fingers=self.fix_fingers,
