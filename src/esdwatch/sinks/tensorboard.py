@@ -274,6 +274,7 @@ class TensorBoardSink(DashboardSink):
         line = (
             f"**{alarm.severity} `{alarm.kind}`** at step {alarm.step if alarm.step is not None else '?'}, "
             f"layer `{alarm.layer}`: {alarm.message} (value {value}, threshold {threshold})"
+            + (f"; *advice*: {alarm.advice}" if alarm.advice else "")
         )
         # TensorBoard shows one text per tag and step: every alarm of the step goes into it
         if step != self._alarm_step:
