@@ -124,13 +124,17 @@ def report(name: str, **fields) -> LayerReport:
 
 def test_patience_a_lasting_change_fires_once_a_blip_does_not():
     norms = [1.0, 1.0, 1.0, 1.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]  # fc2 drops at snapshot 4 and stays
-    policy = AlarmPolicy(phase_transitions=False)
-    fired = [
-        (step, a.kind, a.layer)
-        for step, v in enumerate(norms)
-        for a in policy.update([report("fc1"), report("fc2", log_spectral_norm=v), report("fc3")], step)
-    ]
-    assert fired == [(5, SCALE_COLLAPSE, "fc2")]  # raised at 4, confirmed at 5 (patience 2), once
+
+    def fired(policy: AlarmPolicy) -> list[tuple[int, str, str]]:
+        return [
+            (step, a.kind, a.layer)
+            for step, v in enumerate(norms)
+            for a in policy.update([report("fc1"), report("fc2", log_spectral_norm=v), report("fc3")], step)
+        ]
+
+    assert fired(AlarmPolicy(phase_transitions=False)) == [(4, SCALE_COLLAPSE, "fc2")]  # default patience 1
+    patient = AlarmPolicy(phase_transitions=False, patience={SCALE_COLLAPSE: 2})
+    assert fired(patient) == [(5, SCALE_COLLAPSE, "fc2")]  # raised at 4, confirmed at 5, once per episode
     blip = [1.0, 1.0, 1.0, 1.0, 0.2, 1.0, 1.0, 1.0]  # back at once: the comparison flips
     policy = AlarmPolicy(phase_transitions=False, patience={SCALE_COLLAPSE: 3})
     out = [a for s, v in enumerate(blip) for a in policy.update([report("fc1"), report("fc2", log_spectral_norm=v)], s)]
@@ -170,5 +174,57 @@ def test_replay_of_records_equals_the_live_policy():
         for n in ("fc1", "fc2", "fc3")
     ]
     fired = replay(records)
-    assert [(a.step, a.kind, a.layer) for a in fired if a.kind != "phase_transition"] == [(50, SCALE_COLLAPSE, "fc2")]
+    assert [(a.step, a.kind, a.layer) for a in fired if a.kind != "phase_transition"] == [(40, SCALE_COLLAPSE, "fc2")]
     assert evaluate_history([]) == []
+
+
+# the README demo (python -m esdwatch.demo, validation accuracy 0.953) as the monitor recorded it:
+# 25 snapshots every 15 steps; net.0 drifts below alpha 2 and shows one marginal trap on and off
+DEMO = {
+    "net.0": {
+        "alpha": [6.8, 6.79, 6.3, 3.6, 2.98, 2.65, 2.43, 2.26, 2.2, 2.14, 2.1, 2.05, 2.04, 2.01, 1.98, 1.94, 1.92]
+        + [1.91, 1.9, 1.88, 1.88, 1.88, 1.87, 1.86, 1.86],
+        "log_spectral_norm": [0.465, 0.465, 0.526, 0.793, 1.005, 1.076, 1.192, 1.237, 1.291, 1.32, 1.367, 1.377]
+        + [1.409, 1.459, 1.498, 1.515, 1.544, 1.568, 1.575, 1.586, 1.601, 1.609, 1.622, 1.621, 1.623],
+        "num_traps": [0] * 15 + [1, 1, 1, 1, 1, 0, 1, 0, 0, 0],
+    },
+    "net.2": {
+        "alpha": [11.76, 12.06, 7.27, 3.32, 2.76, 2.63, 2.53, 2.49, 2.4, 2.33, 2.29, 2.28, 2.24, 2.28, 2.21, 2.2]
+        + [2.18, 2.16, 2.13, 2.16, 2.12, 2.12, 2.12, 2.12, 2.14],
+        "log_spectral_norm": [0.115, 0.118, 0.331, 0.685, 0.807, 0.871, 0.96, 0.99, 1.024, 1.042, 1.078, 1.099]
+        + [1.12, 1.147, 1.17, 1.219, 1.222, 1.23, 1.234, 1.245, 1.257, 1.261, 1.271, 1.266, 1.279],
+        "num_traps": [0] * 25,
+    },
+    "net.4": {
+        "alpha": [5.62, 3.42, 5.05, 2.71, 2.46, 2.3, 2.28, 2.24, 2.17, 2.2, 2.17, 2.12, 2.11, 2.11, 2.11, 2.09]
+        + [2.1, 2.1, 2.11, 2.1, 2.08, 2.07, 2.14, 2.08, 2.06],
+        "log_spectral_norm": [-0.024, -0.022, 0.278, 0.677, 0.809, 0.832, 0.9, 0.921, 0.931, 0.938, 0.967, 0.959]
+        + [0.971, 0.974, 0.999, 1.023, 1.005, 1.013, 1.01, 1.016, 1.026, 1.031, 1.042, 1.048, 1.03],
+        "num_traps": [0] * 25,
+    },
+}
+
+
+def test_the_readme_demo_raises_no_warning_and_alpha_above_6_at_init_is_informational():
+    records = [
+        LayerRecord(
+            15 * i,
+            0,
+            0.0,
+            report(
+                name,
+                alpha=m["alpha"][i],
+                log_spectral_norm=m["log_spectral_norm"][i],
+                num_traps=m["num_traps"][i],
+                phase="Random-like" if m["alpha"][i] > 6 else "Heavy-Tailed",
+            ),
+        )
+        for i in range(25)
+        for name, m in DEMO.items()
+    ]
+    fired = replay(records)
+    assert [a for a in fired if a.severity != "info"] == []
+    high = [a for a in fired if a.kind == "alpha_high"]
+    assert [(a.layer, a.step) for a in high] == [("net.0", 15), ("net.2", 15)]  # the two Random-like layers at init
+    assert all("expected early in training" in a.advice for a in high)
+    assert {a.kind for a in fired} == {"alpha_high", "alpha_low", "correlation_trap", "phase_transition"}

@@ -20,7 +20,8 @@ threshold. :class:`AlarmPolicy` adds what needs history:
 * ``actions`` per kind: ``"log"`` (a log line at the alarm's severity), ``"warn"`` (a
   Python warning plus the log line), ``"stop"`` (ask the trainer to stop, decided
   identically on every rank by the caller) or any callable ``(trainer, alarm) -> None``.
-  Defaults: ``non_finite`` stops (patience 1); every other kind logs (patience 2).
+  Defaults: ``non_finite`` stops (patience 1); ``scale_collapse`` logs at patience 1
+  (measured, see :mod:`esdwatch.alarms.history`); every other kind logs (patience 2).
 
 The policy is pure bookkeeping (no I/O): :class:`esdwatch.monitor.monitor.Monitor` dispatches
 the actions. Its :meth:`state_dict` round-trips through a checkpoint.
@@ -44,7 +45,7 @@ from esdwatch.alarms.rules import (
     AlarmRule,
     evaluate_alarms,
 )
-from esdwatch.schema import STATUS_FAILED, STATUS_OK, LayerRecord, LayerReport, phase_or_none
+from esdwatch.schema import SCALE_COLLAPSE, STATUS_FAILED, STATUS_OK, LayerRecord, LayerReport, phase_or_none
 
 __all__ = [
     "Action",
@@ -64,7 +65,7 @@ AnyRule = AlarmRule | HistoryRule
 ACTIONS: tuple[str, ...] = ("log", "warn", "stop")
 
 DEFAULT_PATIENCE = 2
-DEFAULT_PATIENCE_BY_KIND: dict[str, int] = {NON_FINITE: 1}
+DEFAULT_PATIENCE_BY_KIND: dict[str, int] = {NON_FINITE: 1, SCALE_COLLAPSE: 1}
 DEFAULT_ACTIONS: dict[str, Action] = {NON_FINITE: "stop"}
 
 #: confirmed transitions kept per layer in the history
@@ -101,8 +102,8 @@ class AlarmPolicy:
         Non-finite weights always raise ``non_finite``.
     patience:
         Consecutive snapshots before an alarm fires: one int for every kind, or a
-        mapping kind -> int (unlisted kinds keep their default: 1 for ``non_finite``,
-        2 otherwise).
+        mapping kind -> int (unlisted kinds keep their default: 1 for ``non_finite`` and
+        ``scale_collapse``, 2 otherwise).
     actions:
         Mapping kind -> action (unlisted kinds keep their default: ``"stop"`` for
         ``non_finite``, ``"log"`` otherwise).

@@ -1,0 +1,397 @@
+"""Experiment: do the default alarms come before the damage, and stay quiet on healthy runs? (issue 16)
+
+Three runs that go wrong in a known way at step S, each next to the same run left healthy
+(the twin), with :class:`esdwatch.monitor.Monitor` attached at its defaults
+(``every_n_steps`` and ``log_dir`` only): the README demo's MLP (64-256-256-128-10, SGD
+with momentum) on scikit-learn's digits.
+
+1. rank collapse: from S a growing group-lasso penalty on fc2's rows kills its units;
+2. learning-rate spike: from S the learning rate grows geometrically (a schedule bug);
+3. scale collapse: from S fc2's weights grow by a constant factor each step while the
+   other layers barely move (shrinking instead was measured too: flagged, but the network
+   compensates and the accuracy stays within the margin, so there is no damage to lead).
+
+The healthy twin is run with several seeds, and the README demo (``python -m esdwatch.demo``)
+is replayed too: false alarms are counted on all of them.
+
+Plus, when ``--anti-grokking DIR`` names a finished run of ``alarm_runs.py anti_grokking``
+(Prakash & Martin 2025: depth-3 width-200 MLP, 1,000 samples, init x8, no weight decay,
+trained far past grokking; about 30 min on one core), its recorded history.
+
+The alarms are the default policy replayed on each run's recorded history
+(:func:`esdwatch.alarms.replay` on ``records.jsonl``; the same policy the monitor ran live,
+whose own ``alarms.jsonl`` is checked to agree), so a rule can be re-tuned without training again.
+Damage: the test accuracy, as a running mean of 3 evaluations, ``MARGIN`` below its level
+just before S (or, for anti-grokking, below its best so far).
+
+    python experiments/alarm_lead_time.py                       # ~3 min on 2 shared CPU cores
+    python experiments/alarm_lead_time.py --anti-grokking /tmp/ag  # + the long run's history
+    python experiments/alarm_lead_time.py --smoke               # seconds (the test suite)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import alarm_runs as R  # noqa: E402
+import common as C  # noqa: E402
+import numpy as np  # noqa: E402
+
+from esdwatch.alarms import replay  # noqa: E402
+from esdwatch.rundir import read_alarms, read_records  # noqa: E402
+
+NAME = "alarm_lead_time"
+#: test-accuracy drop that counts as damage
+MARGIN = 0.05
+WARN = ("warning", "error")
+
+
+def settings(mode: str) -> dict[str, Any]:
+    if mode == "smoke":
+        return dict(steps=160, every=20, start=60, rank_rate=2e-4, lr_growth=1.03, scale=1.05, twins=1, demo=False)
+    return dict(steps=1500, every=25, start=400, rank_rate=1e-4, lr_growth=1.005, scale=1.01, twins=3, demo=True)
+
+
+def scenarios(cfg: dict[str, Any]) -> dict[str, tuple[R.Event | None, str]]:
+    s = cfg["start"]
+    return {
+        "healthy": (None, "no event (the twin)"),
+        "rank_collapse": (
+            R.rank_collapse_event(s, "fc2", cfg["rank_rate"]),
+            f"from step {s}, a group-lasso penalty on fc2's units growing by {cfg['rank_rate']:g} a step",
+        ),
+        "lr_spike": (
+            R.lr_spike_event(s, cfg["lr_growth"]),
+            f"from step {s}, the learning rate x{cfg['lr_growth']:g} a step (up to x50)",
+        ),
+        "scale_collapse": (
+            R.scale_collapse_event(s, "fc2", cfg["scale"]),
+            f"from step {s}, fc2's weights x{cfg['scale']:g} a step",
+        ),
+    }
+
+
+# ---------------------------------------------------------------------- measurements
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def damage_step(metrics: list[dict[str, Any]], start: int | None) -> int | None:
+    """First step whose 3-evaluation running mean of test accuracy is MARGIN below the reference.
+
+    Reference: the mean over the evaluations in the 100 steps up to ``start``; with
+    ``start=None`` the best running mean so far (a collapse after a peak). A non-finite
+    loss is damage at once.
+    """
+    steps = np.array([m["step"] for m in metrics])
+    acc = np.array([m["test_acc"] for m in metrics], dtype=float)
+    run = np.convolve(acc, np.ones(3) / 3, mode="full")[: len(acc)]
+    run[:2] = acc[:2]
+    if start is not None:
+        ref_mask = (steps > start - 100) & (steps <= start)
+        ref = float(acc[ref_mask].mean()) if ref_mask.any() else float(acc[steps <= start][-1])
+    best = -1.0
+    for i, (step, value) in enumerate(zip(steps, run)):
+        if metrics[i].get("loss") is None and (start is None or step > start):
+            return int(step)
+        if start is None:
+            best = max(best, float(value))
+            if value <= best - MARGIN:
+                return int(step)
+        elif step > start and value <= ref - MARGIN:
+            return int(step)
+    return None
+
+
+def first_alarms(alarms: Sequence[Any], after: int = -1) -> dict[str, Any]:
+    """kind -> the first warning-or-error alarm of that kind fired after step ``after``."""
+    out: dict[str, Any] = {}
+    for a in sorted(alarms, key=lambda a: a.step):
+        if a.severity in WARN and a.step > after and a.kind not in out:
+            out[a.kind] = a
+    return out
+
+
+def count_by_kind(alarms: Sequence[Any], severities: Sequence[str] = WARN) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for a in alarms:
+        if a.severity in severities:
+            out[a.kind] = out.get(a.kind, 0) + 1
+    return out
+
+
+def analyse_run(run: Path) -> dict[str, Any]:
+    records = read_records(run)
+    alarms = replay(records)
+    live = [a for a in read_alarms(run)]
+    return {
+        "records": records,
+        "alarms": alarms,
+        "live_agrees": sorted((a.step, a.kind, a.layer) for a in live)
+        == sorted((a.step, a.kind, a.layer) for a in alarms),
+        "metrics": read_metrics(run),
+    }
+
+
+# ---------------------------------------------------------------------- figures
+
+
+def series(records: Sequence[Any], metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for r in records:
+        xs, ys = out.setdefault(r.report.name, ([], []))
+        xs.append(r.global_step)
+        ys.append(float(getattr(r.report, metric)))
+    return out
+
+
+def figure(run: dict[str, Any], twin: dict[str, Any] | None, title: str, start: int | None, damage: int | None):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(7.5, 7.0), sharex=True)
+    m = run["metrics"]
+    axes[0].plot([x["step"] for x in m], [x["test_acc"] for x in m], label="test accuracy", color="C0")
+    axes[0].plot([x["step"] for x in m], [x["train_acc"] for x in m], label="train accuracy", color="C0", alpha=0.4)
+    if twin is not None:
+        t = twin["metrics"]
+        axes[0].plot(
+            [x["step"] for x in t], [x["test_acc"] for x in t], "--", color="gray", label="healthy twin (test)"
+        )
+    axes[0].set_ylabel("accuracy")
+    for ax, metric, label in ((axes[1], "alpha", "alpha"), (axes[2], "log_spectral_norm", "log10 lambda_max")):
+        for i, (name, (xs, ys)) in enumerate(series(run["records"], metric).items()):
+            ax.plot(xs, ys, marker=".", ms=3, color=f"C{i + 1}", label=name)
+        ax.set_ylabel(label)
+    axes[1].axhline(2.0, color="k", lw=0.6, ls=":")
+    first = first_alarms(run["alarms"])
+    for ax in axes:
+        if start is not None:
+            ax.axvline(start, color="k", lw=1, ls="--")
+        if damage is not None:
+            ax.axvline(damage, color="red", lw=1.5)
+        for a in first.values():
+            ax.axvline(a.step, color="orange", lw=1, alpha=0.8)
+    for kind, a in first.items():
+        axes[0].annotate(kind, (a.step, 0.02), rotation=90, fontsize=7, color="darkorange", va="bottom")
+    axes[0].set_title(f"{title}\nevent (dashed), first warning of each alarm kind (orange), damage (red)", fontsize=9)
+    for ax in axes:
+        ax.legend(fontsize=7, loc="best")
+    axes[2].set_xlabel("step")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------- the table
+
+
+def rows_for(name: str, run: dict[str, Any], twin: dict[str, Any], start: int, every: int) -> list[list[Any]]:
+    damage = damage_step(run["metrics"], start)
+    fired = first_alarms(run["alarms"], after=start)
+    false = count_by_kind(twin["alarms"])
+    rows = []
+    for kind, a in sorted(fired.items(), key=lambda kv: kv[1].step):
+        lead = None if damage is None else damage - a.step
+        rows.append(
+            [
+                name,
+                kind,
+                a.layer,
+                a.step,
+                damage if damage is not None else "none in run",
+                "-" if lead is None else f"{lead} ({lead / every:+.0f})",
+                false.get(kind, 0),
+            ]
+        )
+    if not rows:
+        rows.append([name, "(none)", "-", "-", damage if damage is not None else "none in run", "-", 0])
+    info = [a for a in run["alarms"] if a.severity == "info" and a.step > start and a.kind != "phase_transition"]
+    if info:  # the earliest informational alarm, for comparison (not counted as a warning)
+        a = min(info, key=lambda a: a.step)
+        lead = None if damage is None else damage - a.step
+        rows.append(
+            [
+                name,
+                f"({a.kind}, info)",
+                a.layer,
+                a.step,
+                damage if damage is not None else "none in run",
+                "-" if lead is None else f"{lead} ({lead / every:+.0f})",
+                count_by_kind(twin["alarms"], ("info",)).get(a.kind, 0),
+            ]
+        )
+    return rows
+
+
+def anti_grokking_part(res: C.Results, ag_dir: Path) -> list[str]:
+    run = analyse_run(ag_dir)
+    m = run["metrics"]
+    best = max(m, key=lambda x: x["test_acc"])
+    damage = damage_step(m, None)
+    fired = first_alarms(run["alarms"])
+    every = sorted({r.global_step for r in run["records"]})
+    every_n = every[1] - every[0] if len(every) > 1 else 1
+    rows = []
+    for kind, a in sorted(fired.items(), key=lambda kv: kv[1].step):
+        lead = None if damage is None else damage - a.step
+        rows.append([kind, a.layer, a.step, "-" if lead is None else f"{lead} ({lead / every_n:+.0f})", a.message])
+    res.add(
+        f"## Anti-grokking (Prakash & Martin 2025)\n\n"
+        f"`{ag_dir}`: {m[-1]['step']} steps; train accuracy at the end {m[-1]['train_acc']:.3f}; test accuracy "
+        f"best {best['test_acc']:.3f} at step {best['step']}, last {m[-1]['test_acc']:.3f}; damage (test accuracy "
+        f"{MARGIN:g} below its best running mean): **{damage if damage is not None else 'none in the run'}**. "
+        f"Snapshots every {every_n} steps; the live monitor's alarms "
+        f"{'agree' if run['live_agrees'] else 'DO NOT agree'} with the replay."
+    )
+    res.add(
+        C.md_table(["alarm kind", "layer", "first fired at", "lead time (steps, snapshots)", "why"], rows)
+        if rows
+        else "No warning-level alarm fired."
+    )
+    res.figure(figure(run, None, "anti-grokking run", None, damage), "anti_grokking", "The anti-grokking run")
+    return [str(damage), str({k: a.step for k, a in fired.items()})]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = C.parser(__doc__.split("\n\n")[0])
+    ap.add_argument("--anti-grokking", default=None, help="a finished `alarm_runs.py anti_grokking` run directory")
+    args = ap.parse_args(argv)
+    mode = C.mode_of(args)
+    cfg = settings(mode)
+    C.setup_torch(args)
+    res = C.Results(
+        NAME,
+        args,
+        "Experiment: alarm lead time before the damage, and false alarms on healthy runs",
+        C.command_line("alarm_lead_time.py", argv),
+        provenance=(
+            "Every alarm below is the monitor's default policy replayed on the run's recorded `records.jsonl` "
+            "(`esdwatch.alarms.replay`), checked against the live monitor's own `alarms.jsonl`."
+        ),
+    )
+    logs = C.LogRoot(args.log_dir, NAME)
+    try:
+        runs: dict[str, dict[str, Any]] = {}
+        descriptions = {}
+        for name, (event, text) in scenarios(cfg).items():
+            descriptions[name] = text
+            rc = R.base(name, cfg["steps"], cfg["every"], seed=args.seed)
+            rc.eval_every = cfg["every"]
+            R.train(rc, logs.sub(name), event)
+            runs[name] = analyse_run(logs.root / name)
+        for seed in range(1, cfg["twins"]):
+            rc = R.base("healthy", cfg["steps"], cfg["every"], seed=args.seed + seed)
+            rc.eval_every = cfg["every"]
+            R.train(rc, logs.sub(f"healthy_seed{seed}"))
+            runs[f"healthy_seed{seed}"] = analyse_run(logs.root / f"healthy_seed{seed}")
+        demo = demo_alarms(logs.sub("demo")) if cfg["demo"] else None
+        res.add(
+            "## Setup\n\n"
+            f"MLP {R.BASE['sizes']} on digits (1,348 train / 449 test), SGD lr {R.BASE['lr']} momentum 0.9, "
+            f"batch {R.BASE['batch']}, {cfg['steps']} steps; `Monitor(every_n_steps={cfg['every']}, at_start=True)` "
+            "otherwise at its defaults (traps on, default rules, patience 2). Analysed: fc1, fc2, fc3 (fc4, 10 "
+            "outputs, is below the 50-eigenvalue floor). Events:\n\n"
+            + "\n".join(f"* **{k}**: {v}" for k, v in descriptions.items())
+            + f"\n\nDamage: the 3-evaluation running mean of test accuracy {MARGIN:g} below its mean over the "
+            f"100 steps before step {cfg['start']} (evaluated every {cfg['every']} steps)."
+        )
+        table = []
+        for name in ("rank_collapse", "lr_spike", "scale_collapse"):
+            table += rows_for(name, runs[name], runs["healthy"], cfg["start"], cfg["every"])
+        res.add(
+            "## Lead time\n\nLead time = damage step - first-fired step (positive: the alarm came first); in "
+            f"brackets the same in snapshots (every {cfg['every']} steps). Warning- and error-level alarms only. "
+            "False alarms: the warning-level alarms of the same kind on the healthy twin (whole run).\n\n"
+            + C.md_table(
+                [
+                    "failure",
+                    "alarm kind",
+                    "layer",
+                    "fired at",
+                    "damage at",
+                    "lead time (steps, snapshots)",
+                    "false alarms on the healthy twin",
+                ],
+                table,
+            )
+        )
+        healthy = [n for n in runs if n.startswith("healthy")]
+        twin_rows = []
+        twin_warn: dict[str, int] = {}
+        for n in healthy:
+            warn = count_by_kind(runs[n]["alarms"])
+            for k, v in warn.items():
+                twin_warn[k] = twin_warn.get(k, 0) + v
+            info = count_by_kind(runs[n]["alarms"], ("info",))
+            twin_rows.append(
+                [n, f"{runs[n]['metrics'][-1]['test_acc']:.3f}", sum(warn.values()), _kinds(warn), _kinds(info)]
+            )
+        if demo is not None:
+            warn, info = count_by_kind(demo), count_by_kind(demo, ("info",))
+            twin_rows.append(
+                ["README demo (`python -m esdwatch.demo`)", "-", sum(warn.values()), _kinds(warn), _kinds(info)]
+            )
+            for k, v in warn.items():
+                twin_warn[k] = twin_warn.get(k, 0) + v
+        agree = all(r["live_agrees"] for r in runs.values())
+        res.add(
+            "## Healthy runs: false alarms\n\n"
+            + C.md_table(["run", "final test acc", "warning-level alarms", "by kind", "informational"], twin_rows)
+            + f"\n\nLive alarms (`alarms.jsonl`) agree with the replay in every run: **{agree}**."
+        )
+        for name in ("rank_collapse", "lr_spike", "scale_collapse"):
+            run = runs[name]
+            res.figure(
+                figure(run, runs["healthy"], name, cfg["start"], damage_step(run["metrics"], cfg["start"])),
+                name,
+                f"{name}: {descriptions[name]}",
+            )
+        ag = None
+        if args.anti_grokking:
+            ag = anti_grokking_part(res, Path(args.anti_grokking))
+        res.add("## Verdict\n\n" + verdict(table, twin_warn, ag))
+        res.write()
+    finally:
+        logs.close()
+    return 0
+
+
+def _kinds(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
+
+
+def demo_alarms(out: Path) -> list[Any]:
+    """The default policy replayed on the README demo's records (a healthy run, validation accuracy ~0.95)."""
+    import contextlib
+    import io
+
+    from esdwatch import demo
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        demo.main(["--out", str(out)])
+    run_dir = next(p.parent.parent for p in out.rglob("records.jsonl"))
+    return replay(read_records(run_dir))
+
+
+def verdict(table: list[list[Any]], twin_warn: dict[str, int], ag: list[str] | None) -> str:
+    warn = [r for r in table if not str(r[1]).startswith("(")]
+    early = [r for r in warn if isinstance(r[5], str) and r[5] != "-" and int(r[5].split()[0]) > 0]
+    late = [r for r in warn if isinstance(r[5], str) and r[5] != "-" and int(r[5].split()[0]) <= 0]
+    lines = [
+        f"* {len(early)} (failure, kind) pairs fired before the damage, {len(late)} at or after it; "
+        f"the healthy twin raised {sum(twin_warn.values())} warning-level alarms.",
+    ]
+    if ag is not None:
+        lines.append(f"* anti-grokking: damage at {ag[0]}; first warnings {ag[1]}.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
