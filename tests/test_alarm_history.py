@@ -111,6 +111,9 @@ def test_correlation_flow_ignores_layers_moving_together_and_random_like_alphas(
     assert fired_on_last(CorrelationFlowRule(), together) == []
     early = snaps(three("alpha", [6.8, 6.5, 4.0, 3.6], [11.8, 12.0, 7.0, 3.3], [5.6, 3.4, 3.0, 2.7]))
     assert fired_on_last(CorrelationFlowRule(), early) == []  # fc2 started random-like (alpha > 6)
+    two = snaps({"fc1": {"alpha": [3.7, 3.9, 4.0, 5.3]}, "fc2": {"alpha": [3.1, 3.2, 3.3, 3.3]}})
+    assert fired_on_last(CorrelationFlowRule(), two) == []  # two layers: which one broke?
+    assert fired_on_last(CorrelationFlowRule(min_layers=2), two) == [(CORRELATION_FLOW, "fc1")]
 
 
 # ------------------------------------------------------------------ through the policy
@@ -228,3 +231,23 @@ def test_the_readme_demo_raises_no_warning_and_alpha_above_6_at_init_is_informat
     assert [(a.layer, a.step) for a in high] == [("net.0", 15), ("net.2", 15)]  # the two Random-like layers at init
     assert all("expected early in training" in a.advice for a in high)
     assert {a.kind for a in fired} == {"alpha_high", "alpha_low", "correlation_trap", "phase_transition"}
+
+
+def test_the_end_of_run_summary_says_why_and_what_to_do():
+    from esdwatch.alarms import advise
+    from esdwatch.reporting.summary import run_summary
+
+    warn = advise(
+        ScaleJumpRule().check_history(snaps(three("log_spectral_norm", [1, 1, 1, 1], [1, 1, 0.5, 0.2], [1] * 4)))[0]
+    )
+    info = advise(evaluate_alarms_one(alpha=7.0))
+    text = run_summary([], [info, warn], snapshots=4, skipped=0, skipped_steps=[])
+    assert "[scale_collapse] step 30: fc2: log10 lambda_max moved down by -0.80 since step 0" in text
+    assert "advice: fc2's scale moved against the other layers'" in text
+    assert "[alpha_high]" not in text  # informational alarms are counted, not explained
+
+
+def evaluate_alarms_one(**fields):
+    from esdwatch.alarms import evaluate_alarms
+
+    return evaluate_alarms([report("fc1", **fields)], step=0)[0]

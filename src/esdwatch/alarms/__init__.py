@@ -17,7 +17,7 @@ This package imports only :mod:`esdwatch.schema` and :mod:`esdwatch.errors`.
 
 from __future__ import annotations
 
-from esdwatch.alarms.advice import ADVICE
+from esdwatch.alarms.advice import ADVICE, advise
 from esdwatch.alarms.history import (
     DEFAULT_HISTORY_RULES,
     AlphaCrossingRule,
@@ -72,6 +72,7 @@ __all__ = [
     "NewTrapsRule",
     "ScaleJumpRule",
     "Snapshot",
+    "advise",
     "evaluate_alarms",
     "evaluate_history",
     "replay",

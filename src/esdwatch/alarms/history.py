@@ -26,7 +26,8 @@ alpha_crossing       alpha was >= 2 and is now < 2, having dropped by >= 0.15   
 new_traps            >= 2 correlation traps now, none at the reference            warning
 correlation_flow     the layer's alpha change differs from its neighbours' mean   warning
                      change by >= 1.0 and is the largest among them; alphas
-                     above 6 (random-like, loose fits) are left out
+                     above 6 (random-like, loose fits) are left out; needs
+                     >= 3 such layers
 ===================  ===========================================================  ========
 
 ``scale_collapse`` fires at once (patience 1, :data:`esdwatch.alarms.policy.DEFAULT_PATIENCE_BY_KIND`):
@@ -282,13 +283,17 @@ class CorrelationFlowRule:
     change_L = alpha_L(now) - alpha_L(reference); fires on L when
     |change_L - mean(change of its neighbours)| >= ``threshold`` and |change_L| >= every
     neighbour's |change|. Layers with alpha above ``max_alpha`` at either end are left out
-    (random-like layers, whose fits move a lot early in training).
+    (random-like layers, whose fits move a lot early in training), and fewer than
+    ``min_layers`` layers left judge nothing: with two, "breaking from the neighbours" cannot
+    say which layer broke (the anti-grokking MLP, two analysed layers with noisy 64- and
+    200-eigenvalue fits, raised it during healthy grokking).
     """
 
     kind: str = CORRELATION_FLOW
     threshold: float = 1.0
     window: int = 3
     max_alpha: float = 6.0
+    min_layers: int = 3
     severity: str = "warning"
 
     def check_history(self, history: Sequence[Snapshot]) -> list[Alarm]:
@@ -302,7 +307,9 @@ class CorrelationFlowRule:
             if math.isfinite(a0) and math.isfinite(a1) and max(a0, a1) <= self.max_alpha:
                 names.append(name)
                 changes.append(a1 - a0)
-        out = []
+        out: list[Alarm] = []
+        if len(names) < self.min_layers:
+            return out
         for i, name in enumerate(names):
             nbrs = [changes[j] for j in (i - 1, i + 1) if 0 <= j < len(names)]
             if not nbrs:
