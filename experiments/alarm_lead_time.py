@@ -260,8 +260,44 @@ def anti_grokking_part(res: C.Results, ag_dir: Path) -> list[str]:
         if rows
         else "No warning-level alarm fired."
     )
+    per_layer = []
+    for name, (xs, alphas) in series(run["records"], "alpha").items():
+        traps = series(run["records"], "num_traps")[name][1]
+        below = [x for x, a in zip(xs, alphas) if a < 2]
+        with_traps = [x for x, t in zip(xs, traps) if t > 0]
+        per_layer.append(
+            [
+                name,
+                C.fmt(alphas[0]),
+                C.fmt(min(alphas)),
+                C.fmt(alphas[-1]),
+                below[0] if below else "never",
+                f"{int(max(traps))} (first at {with_traps[0]})" if with_traps else "0",
+            ]
+        )
+    res.add(
+        "Per layer, over the run (the papers' signals: alpha < 2 and correlation traps before the collapse):\n\n"
+        + C.md_table(["layer", "alpha at start", "min alpha", "last alpha", "first alpha < 2", "max traps"], per_layer)
+        + f"\n\nAlarms of any severity by kind: {_kinds(count_by_kind(run['alarms'], ('info', 'warning', 'error')))}."
+    )
     res.figure(figure(run, None, "anti-grokking run", None, damage), "anti_grokking", "The anti-grokking run")
-    return [str(damage), str({k: a.step for k, a in fired.items()})]
+    return [str(damage), str({k: a.step for k, a in fired.items()}), ag_verdict(m, damage, fired)]
+
+
+def ag_verdict(m: list[dict[str, Any]], damage: int | None, fired: dict[str, Any]) -> str:
+    if damage is None:
+        return (
+            f"no collapse within {m[-1]['step']} steps (test accuracy still {m[-1]['test_acc']:.3f}, train "
+            f"{m[-1]['train_acc']:.3f}), so there is no lead time to measure: the papers' collapse was not "
+            "reproduced at this budget on digits. "
+            + (
+                f"Warning-level alarms fired nonetheless: {', '.join(fired)} (false alarms on this run so far)."
+                if fired
+                else "No warning-level alarm fired on this long run (no false alarm either)."
+            )
+        )
+    early = [k for k, a in fired.items() if a.step < damage]
+    return f"collapse at step {damage}; warnings before it: {', '.join(early) or 'none'}."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -327,6 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 table,
             )
         )
+        finals = ", ".join(
+            f"{n} {runs[n]['metrics'][-1]['test_acc']:.3f} (lowest after step {cfg['start']}: "
+            f"{min(x['test_acc'] for x in runs[n]['metrics'] if x['step'] > cfg['start']):.3f})"
+            for n in ("healthy", "rank_collapse", "lr_spike", "scale_collapse")
+        )
+        res.add(f"Final test accuracy: {finals}.")
         healthy = [n for n in runs if n.startswith("healthy")]
         twin_rows = []
         twin_warn: dict[str, int] = {}
@@ -386,15 +428,27 @@ def demo_alarms(out: Path) -> list[Any]:
 
 
 def verdict(table: list[list[Any]], twin_warn: dict[str, int], ag: list[str] | None) -> str:
-    warn = [r for r in table if not str(r[1]).startswith("(")]
-    early = [r for r in warn if isinstance(r[5], str) and r[5] != "-" and int(r[5].split()[0]) > 0]
-    late = [r for r in warn if isinstance(r[5], str) and r[5] != "-" and int(r[5].split()[0]) <= 0]
-    lines = [
-        f"* {len(early)} (failure, kind) pairs fired before the damage, {len(late)} at or after it; "
-        f"the healthy twin raised {sum(twin_warn.values())} warning-level alarms.",
-    ]
+    """One line per failure (its first warning and lead), the false alarms, the anti-grokking run."""
+    lines = []
+    for failure in dict.fromkeys(r[0] for r in table):
+        warn = [r for r in table if r[0] == failure and not str(r[1]).startswith("(")]
+        fired = [r for r in warn if r[3] != "-"]
+        if not fired:
+            lines.append(f"* **{failure}**: no warning-level alarm.")
+            continue
+        first = min(fired, key=lambda r: r[3])
+        before = [r[1] for r in fired if r[5] != "-" and int(str(r[5]).split()[0]) > 0]
+        lead = first[5] if first[5] != "-" else "no damage in the run to lead"
+        lines.append(
+            f"* **{failure}**: first warning `{first[1]}` on {first[2]} at step {first[3]}, damage at {first[4]}: "
+            f"lead {lead}; kinds before the damage: {', '.join(f'`{k}`' for k in before) or 'none'}."
+        )
+    lines.append(
+        f"* **False alarms**: {sum(twin_warn.values())} warning-level alarms on the healthy runs "
+        "(the twins and the README demo)."
+    )
     if ag is not None:
-        lines.append(f"* anti-grokking: damage at {ag[0]}; first warnings {ag[1]}.")
+        lines.append(f"* **Anti-grokking**: {ag[2]}")
     return "\n".join(lines)
 
 
