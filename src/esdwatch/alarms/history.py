@@ -33,7 +33,7 @@ correlation_flow     the layer's alpha change differs from its neighbours' mean 
 ``scale_collapse`` fires at once (patience 1, :data:`esdwatch.alarms.policy.DEFAULT_PATIENCE_BY_KIND`):
 its condition is already a 3.2-fold move against the other layers, and waiting a snapshot cost
 half the lead time in the scale experiment without removing a false alarm (there was none);
-the other kinds keep patience 2 (with 1, ``correlation_flow`` fired on a healthy twin at step 50).
+the other kinds keep patience 2 (with 1, ``correlation_flow`` fired on a healthy twin at step 125).
 
 Scale collapse, correlation flow and the traps are pathologies of Martin & Mahoney's HT-SR
 list (weightwatcher's documentation, "Scale collapse", "Correlation flow", "Correlation
