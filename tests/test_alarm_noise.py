@@ -72,3 +72,4 @@ def test_every_alarm_of_a_step_is_in_the_tensorboard_text(tmp_path):
     last = texts[-1].tensor_proto.string_val[0].decode()  # what TensorBoard shows for step 1
     assert all(f"layer `{i}`" in last for i in ("0", "1", "2"))
     assert "threshold 0" in last
+    assert "*advice*: 0 is random-like" in last  # what to do about it, beside why

@@ -104,12 +104,12 @@ def test_long_run_guard_config_stops_training_on_rank_collapse(tmp_path):
     assert kw["traps"] is True
     assert kw["alarm_actions"] == {
         "rank_collapse": "stop",
-        "correlation_trap": "stop",
+        "new_traps": "stop",
         "non_finite": "stop",
         "alpha_low": "warn",
         "alpha_high": "warn",
     }
-    assert kw["alarm_patience"] == {"rank_collapse": 2, "correlation_trap": 2, "non_finite": 1}
+    assert kw["alarm_patience"] == {"rank_collapse": 2, "new_traps": 2, "non_finite": 1}
     (ckpt,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
     assert ckpt.save_last is True
 

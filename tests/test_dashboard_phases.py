@@ -113,7 +113,9 @@ def test_a_phase_change_and_every_alarm_reach_tensorboard_and_wandb(tmp_path, of
     assert [(r[0], r[2], r[3]) for r in rows] == [(a.step, a.kind, a.layer) for a in alarms]
     (trow,) = [r for r in rows if r[2] == "phase_transition"]
     assert "Random-like -> Heavy-Tailed" in trow[4] and "threshold" not in trow[4]  # the phases by name
-    assert all(re.search(r"\(value [-0-9.e]+, threshold 0\)$", r[4]) for r in rows if r[2] == "alpha_high")
+    assert all(
+        re.search(r"\(value [-0-9.e]+, threshold 0\)(; \*advice\*: .+)?$", r[4]) for r in rows if r[2] == "alpha_high"
+    )
     # Images: the phase map at the first snapshot, where the phase changed (figure_every=10),
     # and the last one at close
     assert [e.step for e in ea.Images("esdwatch/phase_map")] == [1, 2, 3]
@@ -147,7 +149,8 @@ def test_a_phase_change_and_every_alarm_reach_tensorboard_and_wandb(tmp_path, of
         assert table["columns"] == list(ALARM_COLUMNS)
         table_rows += table["data"]
     assert table_rows == [
-        [a.step, a.severity, a.kind, a.layer, a.to_dict()["value"], a.to_dict()["threshold"], a.message] for a in alarms
+        [a.step, a.severity, a.kind, a.layer, a.to_dict()["value"], a.to_dict()["threshold"], a.message, a.advice]
+        for a in alarms
     ]
     (wrow,) = [r for r in table_rows if r[2] == "phase_transition"]
     assert wrow[5] is None and not re.search("nan", wrow[6], re.I)

@@ -99,6 +99,14 @@ def test_pretrained_minilm_smoke(tmp_path, monkeypatch):
         assert "alpha, esdwatch vs weightwatcher: max |difference|" in text
 
 
+def test_alarm_lead_time_smoke(tmp_path):
+    mod = _load("alarm_lead_time")
+    _run(mod, tmp_path)
+    text = _check_outputs(tmp_path, "alarm_lead_time", 3)
+    assert "| failure | alarm kind |" in text and "## Healthy runs: false alarms" in text
+    assert "agree with the replay in every run: **True**" in text  # live policy == offline replay
+
+
 def test_quick_mode_never_writes_the_committed_results(monkeypatch):
     common = _load("common")
     args = common.parser("x").parse_args(["--quick"])

@@ -127,7 +127,7 @@ def test_offline_run_holds_scalars_spectra_figures_table_and_rate_limited_alerts
     (logged,) = [it for it in everything if "esdwatch/alarms._type" in it]
     assert logged["trainer/global_step"] == 20
     assert alarm_table_rows(run_dir, [logged]) == [
-        [a.step, a.severity, a.kind, a.layer, a.value, a.threshold, a.message] for _, a in alarms
+        [a.step, a.severity, a.kind, a.layer, a.value, a.threshold, a.message, a.advice] for _, a in alarms
     ]
     for it in items:
         step = it["trainer/global_step"]
@@ -247,7 +247,7 @@ def test_trainer_with_wandb_logger_offline(tmp_path):
     assert [it["trainer/global_step"] for it in logged] == sorted({a.step for a in fired})
     assert {it["esdwatch/alarms._type"] for it in logged} == {"incremental-table-file"}
     rows = alarm_table_rows(run_dir, logged)
-    assert rows == [[a.step, a.severity, a.kind, a.layer, *_json_nums(a), a.message] for a in fired]
+    assert rows == [[a.step, a.severity, a.kind, a.layer, *_json_nums(a), a.message, a.advice] for a in fired]
     assert [(r[2], r[3]) for r in rows[:2]] == [("alpha_low", "net.0"), ("alpha_low", "net.2")]
     for row in rows:
         if row[2] == "phase_transition":

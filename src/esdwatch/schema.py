@@ -522,8 +522,24 @@ ALPHA_LOW = "alpha_low"
 ALPHA_HIGH = "alpha_high"
 NON_FINITE = "non_finite"
 PHASE_TRANSITION = "phase_transition"  # emitted by the monitor, which sees history
+# the history rules (esdwatch.alarms.history): changes between snapshots
+SCALE_COLLAPSE = "scale_collapse"
+ALPHA_CROSSING = "alpha_crossing"
+NEW_TRAPS = "new_traps"
+CORRELATION_FLOW = "correlation_flow"
 
-ALARM_KINDS: tuple[str, ...] = (RANK_COLLAPSE, CORRELATION_TRAP, ALPHA_LOW, ALPHA_HIGH, NON_FINITE, PHASE_TRANSITION)
+ALARM_KINDS: tuple[str, ...] = (
+    RANK_COLLAPSE,
+    CORRELATION_TRAP,
+    ALPHA_LOW,
+    ALPHA_HIGH,
+    NON_FINITE,
+    PHASE_TRANSITION,
+    SCALE_COLLAPSE,
+    ALPHA_CROSSING,
+    NEW_TRAPS,
+    CORRELATION_FLOW,
+)
 
 
 @dataclass(frozen=True)
@@ -531,7 +547,9 @@ class Alarm:
     """One layer crossing one threshold.
 
     ``value`` is the observed metric, ``threshold`` the limit it crossed; ``step`` is
-    the training step of the snapshot (None for offline analysis).
+    the training step of the snapshot (None for offline analysis). ``extra`` says why
+    (for a history rule: ``from``/``to`` values and the steps compared); ``advice`` is
+    one line on what a user could do about it.
     """
 
     kind: str
@@ -542,6 +560,7 @@ class Alarm:
     severity: str = "warning"  # "info" | "warning" | "error"
     step: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    advice: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -45,6 +45,8 @@ def run_action(
     """Carry out ``action`` for ``alarm`` (see the module docstring)."""
     level = _LEVELS.get(alarm.severity, logging.WARNING)
     text = f"esdwatch alarm [{alarm.kind}] at step {alarm.step}: {alarm.message}"
+    if alarm.advice:
+        text += f" -- {alarm.advice}"
     if action == "log":
         log.log(level, text)
     elif action == "warn":
@@ -91,6 +93,8 @@ def run_actions(
         shown = "; ".join(a.message for a in group[:SHOWN_PER_LINE])
         more = f"; and {len(group) - SHOWN_PER_LINE} more" if len(group) > SHOWN_PER_LINE else ""
         text = f"esdwatch alarm [{kind}] at step {group[0].step} on {len(group)} layers: {shown}{more}"
+        if group[0].advice:
+            text += f" -- {group[0].advice}"
         if action == "stop":
             for alarm in group:
                 request_stop(alarm)

@@ -13,10 +13,15 @@ threshold. :class:`AlarmPolicy` adds what needs history:
   been seen on ``patience["phase_transition"]`` consecutive snapshots; the first known
   phase of a layer sets its baseline silently. The history of confirmed transitions is
   kept (``history``).
+* history rules (:mod:`esdwatch.alarms.history`): the last few snapshots are kept
+  (compactly, :class:`~esdwatch.alarms.history.Snapshot`) and the history rules among
+  ``rules`` judge the change since a reference snapshot; their alarms go through the same
+  patience counters.
 * ``actions`` per kind: ``"log"`` (a log line at the alarm's severity), ``"warn"`` (a
   Python warning plus the log line), ``"stop"`` (ask the trainer to stop, decided
   identically on every rank by the caller) or any callable ``(trainer, alarm) -> None``.
-  Defaults: ``non_finite`` stops (patience 1); every other kind logs (patience 2).
+  Defaults: ``non_finite`` stops (patience 1); ``scale_collapse`` logs at patience 1
+  (measured, see :mod:`esdwatch.alarms.history`); every other kind logs (patience 2).
 
 The policy is pure bookkeeping (no I/O): :class:`esdwatch.monitor.monitor.Monitor` dispatches
 the actions. Its :meth:`state_dict` round-trips through a checkpoint.
@@ -29,19 +34,24 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from esdwatch.alarms.advice import advise
+from esdwatch.alarms.history import DEFAULT_HISTORY_RULES, HistoryRule, Snapshot, evaluate_history
 from esdwatch.alarms.rules import (
     ALARM_KINDS,
+    DEFAULT_RULES,
     NON_FINITE,
     PHASE_TRANSITION,
     Alarm,
     AlarmRule,
     evaluate_alarms,
 )
-from esdwatch.schema import STATUS_FAILED, STATUS_OK, LayerReport, phase_or_none
+from esdwatch.schema import SCALE_COLLAPSE, STATUS_FAILED, STATUS_OK, LayerRecord, LayerReport, phase_or_none
 
 __all__ = [
     "Action",
     "AlarmPolicy",
+    "AnyRule",
+    "replay",
     "ACTIONS",
     "DEFAULT_ACTIONS",
     "DEFAULT_PATIENCE",
@@ -50,10 +60,12 @@ __all__ = [
 
 #: an action: one of :data:`ACTIONS` or a callable ``(trainer, alarm) -> None``
 Action = str | Callable[[Any, Alarm], None]
+#: a rule of either kind: on one snapshot (:class:`AlarmRule`) or on the recent history (:class:`HistoryRule`)
+AnyRule = AlarmRule | HistoryRule
 ACTIONS: tuple[str, ...] = ("log", "warn", "stop")
 
 DEFAULT_PATIENCE = 2
-DEFAULT_PATIENCE_BY_KIND: dict[str, int] = {NON_FINITE: 1}
+DEFAULT_PATIENCE_BY_KIND: dict[str, int] = {NON_FINITE: 1, SCALE_COLLAPSE: 1}
 DEFAULT_ACTIONS: dict[str, Action] = {NON_FINITE: "stop"}
 
 #: confirmed transitions kept per layer in the history
@@ -84,12 +96,14 @@ class AlarmPolicy:
     Parameters
     ----------
     rules:
-        Threshold rules (default :data:`esdwatch.alarms.rules.DEFAULT_RULES`); non-finite
-        weights always raise ``non_finite``.
+        Threshold rules (:class:`AlarmRule`) and history rules (:class:`HistoryRule`);
+        default :data:`~esdwatch.alarms.rules.DEFAULT_RULES` plus
+        :data:`~esdwatch.alarms.history.DEFAULT_HISTORY_RULES`. Given rules replace both.
+        Non-finite weights always raise ``non_finite``.
     patience:
         Consecutive snapshots before an alarm fires: one int for every kind, or a
-        mapping kind -> int (unlisted kinds keep their default: 1 for ``non_finite``,
-        2 otherwise).
+        mapping kind -> int (unlisted kinds keep their default: 1 for ``non_finite`` and
+        ``scale_collapse``, 2 otherwise).
     actions:
         Mapping kind -> action (unlisted kinds keep their default: ``"stop"`` for
         ``non_finite``, ``"log"`` otherwise).
@@ -99,12 +113,23 @@ class AlarmPolicy:
 
     def __init__(
         self,
-        rules: Sequence[AlarmRule] | None = None,
+        rules: Sequence[AnyRule] | None = None,
         patience: int | Mapping[str, int] | None = None,
         actions: Mapping[str, Action] | None = None,
         phase_transitions: bool = True,
     ):
-        self.rules = None if rules is None else tuple(rules)
+        every = (*DEFAULT_RULES, *DEFAULT_HISTORY_RULES) if rules is None else tuple(rules)
+        self.rules: tuple[AlarmRule, ...] = tuple(r for r in every if isinstance(r, AlarmRule))
+        history: list[HistoryRule] = []
+        for rule in every:
+            if isinstance(rule, AlarmRule):
+                continue
+            if not isinstance(rule, HistoryRule):
+                raise TypeError(f"an alarm rule must be an AlarmRule or a HistoryRule, got {rule!r}")
+            history.append(rule)
+        self.history_rules: tuple[HistoryRule, ...] = tuple(history)
+        #: the recent snapshots the history rules read, oldest first
+        self.snapshots: list[Snapshot] = []
         self._patience: dict[str, int] = {k: DEFAULT_PATIENCE_BY_KIND.get(k, DEFAULT_PATIENCE) for k in ALARM_KINDS}
         if isinstance(patience, Mapping):
             for kind, p in patience.items():
@@ -152,6 +177,9 @@ class AlarmPolicy:
         """
         reports = list(reports)
         raised = evaluate_alarms(reports, self.rules, step=step)
+        if self.history_rules:
+            self._remember(Snapshot.from_reports(reports, step))
+            raised += evaluate_history(self.snapshots, self.history_rules)
         by_key = {(a.kind, a.layer): a for a in raised}
         kept = set(kept)
         present = {r.name for r in reports} | kept
@@ -164,7 +192,7 @@ class AlarmPolicy:
             if count == patience:
                 extra = dict(alarm.extra)
                 extra.update(consecutive=count, patience=patience)
-                fired.append(dataclasses.replace(alarm, extra=extra))
+                fired.append(advise(dataclasses.replace(alarm, extra=extra)))
         for key in list(self.counters):
             kind, layer = key
             if key in by_key or layer in frozen:
@@ -177,6 +205,11 @@ class AlarmPolicy:
                 del self.phases[layer]
         self.fired_total += len(fired)
         return fired
+
+    def _remember(self, snapshot: Snapshot) -> None:
+        self.snapshots.append(snapshot)
+        keep = 1 + max(rule.window for rule in self.history_rules)
+        del self.snapshots[:-keep]
 
     def _update_phases(self, reports: Sequence[LayerReport], step: int | None) -> list[Alarm]:
         out: list[Alarm] = []
@@ -203,15 +236,17 @@ class AlarmPolicy:
                 del hist[:-HISTORY_LIMIT]
                 conf = r.phase_confidence
                 out.append(
-                    Alarm(
-                        kind=PHASE_TRANSITION,
-                        layer=r.name,
-                        value=float(conf) if conf is not None and math.isfinite(float(conf)) else float("nan"),
-                        threshold=float("nan"),
-                        severity="info",
-                        message=f"{r.name}: phase {old} -> {new}",
-                        step=step,
-                        extra={"from": old, "to": new, "consecutive": patience, "patience": patience},
+                    advise(
+                        Alarm(
+                            kind=PHASE_TRANSITION,
+                            layer=r.name,
+                            value=float(conf) if conf is not None and math.isfinite(float(conf)) else float("nan"),
+                            threshold=float("nan"),
+                            severity="info",
+                            message=f"{r.name}: phase {old} -> {new}",
+                            step=step,
+                            extra={"from": old, "to": new, "consecutive": patience, "patience": patience},
+                        )
                     )
                 )
         return out
@@ -224,6 +259,7 @@ class AlarmPolicy:
             "phases": {k: dict(v) for k, v in self.phases.items()},
             "history": {k: [list(t) for t in v] for k, v in self.history.items()},
             "fired_total": self.fired_total,
+            "snapshots": [s.to_dict() for s in self.snapshots],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -231,3 +267,20 @@ class AlarmPolicy:
         self.phases = {k: dict(v) for k, v in state.get("phases", {}).items()}
         self.history = {k: [list(t) for t in v] for k, v in state.get("history", {}).items()}
         self.fired_total = int(state.get("fired_total", 0))
+        self.snapshots = [Snapshot.from_dict(s) for s in state.get("snapshots", [])]
+
+
+def replay(records: Iterable[LayerRecord], policy: AlarmPolicy | None = None) -> list[Alarm]:
+    """The alarms ``policy`` (default: a fresh default one) fires on recorded snapshots, in step order.
+
+    ``records``: e.g. :func:`esdwatch.rundir.read_records` of a run directory; the records
+    of one step form one snapshot. What a live monitor with the same policy would have fired.
+    """
+    policy = AlarmPolicy() if policy is None else policy
+    by_step: dict[int, list[LayerReport]] = {}
+    for rec in records:
+        by_step.setdefault(int(rec.global_step), []).append(rec.report)
+    fired: list[Alarm] = []
+    for step in sorted(by_step):
+        fired.extend(policy.update(by_step[step], step))
+    return fired

@@ -18,16 +18,22 @@ rank_collapse      rank_collapse_fraction       >= 0.25    error     a quarter o
                                                                      decades below lambda_max does not alarm).
                                                                      An all-zero layer (status "degenerate")
                                                                      always alarms, with value 1.
-correlation_trap   num_traps                    >= 1       warning   the randomized ESD has an eigenvalue beyond
+correlation_trap   num_traps                    >= 1       info      the randomized ESD has an eigenvalue beyond
                                                                      its own MP edge + 4 TW scales: a few
                                                                      unusually large entries (listed in
                                                                      ``extra["entries"]``)
-alpha_low          alpha                        < 2        warning   very heavy-tailed, possibly over-trained
-alpha_high         alpha                        > 6        info      under-trained, random-like
+alpha_low          alpha                        < 2        info      very heavy-tailed, possibly over-trained
+alpha_high         alpha                        > 6        info      under-trained, random-like (expected at
+                                                                     initialization)
 non_finite         num_non_finite (status)      > 0        error     NaN/Inf weights (always checked)
 =================  ===========================  =========  ========  =============================================
 
 Every alarm carries the layer's phase (when known) in ``extra["phase"]``.
+
+``correlation_trap`` and ``alpha_low`` are informational (issue 16): on healthy digits runs,
+the README demo included, a layer drifts below alpha 2 and single marginal traps come and
+go; the warning-level signals are their history versions (:mod:`esdwatch.alarms.history`:
+``alpha_crossing``, ``new_traps``), measured in ``experiments/results/alarm_lead_time.md``.
 """
 
 from __future__ import annotations
@@ -173,8 +179,8 @@ DEFAULT_RULES: tuple[AlarmRule, ...] = (
         inclusive=True,
         phase="Rank-collapse",
     ),
-    AlarmRule(CORRELATION_TRAP, "num_traps", 1, above=True, inclusive=True),
-    AlarmRule(ALPHA_LOW, "alpha", 2.0, above=False),
+    AlarmRule(CORRELATION_TRAP, "num_traps", 1, above=True, severity="info", inclusive=True),
+    AlarmRule(ALPHA_LOW, "alpha", 2.0, above=False, severity="info"),
     AlarmRule(ALPHA_HIGH, "alpha", 6.0, above=True, severity="info"),
 )
 

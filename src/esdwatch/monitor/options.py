@@ -29,8 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from esdwatch.alarms.policy import Action, AlarmPolicy
-from esdwatch.alarms.rules import AlarmRule
+from esdwatch.alarms.policy import Action, AlarmPolicy, AnyRule
 from esdwatch.engine.analyzer import AnalysisConfig
 from esdwatch.engine.tail_laws import check_fit
 
@@ -254,7 +253,8 @@ class MonitorOptions:
             True; per layer and snapshot, whatever the layer's size, about 0.3 kB in
             spectra.jsonl and 1.1 kB in a TensorBoard event file; no raw eigenvalues are
             written). False: scalars only.
-        alarm_rules: threshold rules (default esdwatch.alarms.DEFAULT_RULES).
+        alarm_rules: threshold rules (AlarmRule) and history rules (HistoryRule); default
+            esdwatch.alarms.DEFAULT_RULES + DEFAULT_HISTORY_RULES.
         alarm_patience: consecutive snapshots before an alarm fires (an int, or per alarm kind).
         alarm_actions: per alarm kind: "log", "warn", "stop" or a callable (context, alarm) -> None
             (context: the Trainer under Lightning, the ESDCallback under Hugging Face, the Monitor
@@ -282,7 +282,7 @@ class MonitorOptions:
     layers: str | list[str] | None = None
     exclude: str | list[str] | None = None
     keep_evals: bool = True
-    alarm_rules: list[AlarmRule] | None = None
+    alarm_rules: list[AnyRule] | None = None
     alarm_patience: int | dict[str, int] | None = None
     alarm_actions: dict[str, str | Callable[[Any, Any], None]] | None = None
     phase_transitions: bool = True

@@ -286,7 +286,7 @@ def build_report(
                 f"<tr class='sev-{_esc(a.severity)}'><td>{_esc(a.step if a.step is not None else '')}</td>"
                 f"<td class='l'>{_esc(a.severity)}</td><td class='l'>{_esc(a.kind)}</td>"
                 f"<td class='l'>{_esc(a.layer)}</td><td>{_num(a.value, '.4g')}</td><td>{_num(a.threshold, 'g')}</td>"
-                f"<td class='l'>{_esc(a.message)}</td></tr>"
+                f"<td class='l'>{_esc(a.message)}{'<br><i>' + _esc(a.advice) + '</i>' if a.advice else ''}</td></tr>"
             )
         parts.append(
             "<table><tr><th>step</th><th class='l'>severity</th><th class='l'>kind</th><th class='l'>layer</th>"

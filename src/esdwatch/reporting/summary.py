@@ -79,6 +79,18 @@ def layer_table(records: Sequence[LayerRecord], alarms: Iterable[Alarm] | None =
     return "\n".join(lines)
 
 
+def _advice_lines(alarms: Sequence[Alarm]) -> list[str]:
+    """The first warning-or-worse alarm of each kind, with why and what to do (info alarms: none)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for a in alarms:
+        if a.severity == "info" or a.kind in seen:
+            continue
+        seen.add(a.kind)
+        out.append(f"  [{a.kind}] step {a.step}: {a.message}" + (f"\n    advice: {a.advice}" if a.advice else ""))
+    return out
+
+
 def run_summary(
     records: Sequence[LayerRecord],
     alarms: Sequence[Alarm],
@@ -118,6 +130,7 @@ def run_summary(
                 f"{k} x{count[k]} ({', '.join(v[:6])}{' ...' if len(v) > 6 else ''})" for k, v in by_kind.items()
             )
         )
+        lines.extend(_advice_lines(alarms))
     else:
         lines.append("alarms: none")
     if skipped_layers:

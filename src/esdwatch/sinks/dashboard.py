@@ -42,7 +42,16 @@ __all__ = ["DashboardSink", "ALARM_COLUMNS", "PhaseSpan", "alarm_row", "alarms_m
 PHASE_MAP_ON_CHANGE_MAX_LAYERS = 32
 
 #: Columns of the alarm table (W&B) and of the alarm text (TensorBoard).
-ALARM_COLUMNS: tuple[str, ...] = ("global_step", "severity", "kind", "layer", "value", "threshold", "message")
+ALARM_COLUMNS: tuple[str, ...] = (
+    "global_step",
+    "severity",
+    "kind",
+    "layer",
+    "value",
+    "threshold",
+    "message",
+    "advice",
+)
 
 #: A layer's current phase, the first step of the snapshots in it, and the phase before (None: none yet).
 PhaseSpan = tuple[str, int, str | None]
@@ -61,6 +70,7 @@ def alarm_row(alarm: Alarm) -> list[Any]:
         finite_value(alarm.value),
         finite_value(alarm.threshold),
         alarm.message,
+        alarm.advice,
     ]
 
 
@@ -70,21 +80,22 @@ def _md(text: Any) -> str:
 
 def alarms_markdown(alarms: Sequence[Alarm]) -> str:
     """A markdown list of one step's alarms, one line each in the order given (no step: the
-    dashboard shows it): ``- **severity** `kind`, layer `name`: message (value v, threshold t)``.
+    dashboard shows it): ``- **severity** `kind`, layer `name`: message (value v, threshold t); advice``.
 
     Only the numbers that exist are shown: a phase transition has no threshold, and its
     value is the classifier's confidence.
     """
     lines = []
     for a in alarms:
-        _, severity, kind, layer, value, threshold, message = alarm_row(a)
+        _, severity, kind, layer, value, threshold, message, advice = alarm_row(a)
         numbers = [
             f"{'confidence' if kind == PHASE_TRANSITION else 'value'} {value:.4g}" if value is not None else "",
             f"threshold {threshold:.4g}" if threshold is not None else "",
         ]
         shown = ", ".join(n for n in numbers if n)
         tail = f" ({shown})" if shown else ""
-        lines.append(f"- **{severity}** `{kind}`, layer `{layer}`: {_md(message)}{tail}")
+        hint = f"; *advice*: {_md(advice)}" if advice else ""
+        lines.append(f"- **{severity}** `{kind}`, layer `{layer}`: {_md(message)}{tail}{hint}")
     return "\n".join(lines)
 
 

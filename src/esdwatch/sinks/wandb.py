@@ -303,7 +303,7 @@ class WandbSink(DashboardSink):
         where = f" (step {alarm.step})" if alarm.step is not None else ""
         self.run.alert(
             title=alert_title(alarm, self.prefix),
-            text=f"{alarm.message}{where}",
+            text=f"{alarm.message}{where}" + (f"\nadvice: {alarm.advice}" if alarm.advice else ""),
             level=level,
             wait_duration=max(int(self.alert_interval_s), 1),
         )

@@ -1,0 +1,358 @@
+"""Pathologies that need a layer's history: rules on the last few snapshots, as data.
+
+:mod:`esdwatch.alarms.rules` judges one snapshot. The HT-SR pathologies below are
+*changes*, so each rule here compares the current snapshot with a reference snapshot
+``window`` snapshots back (the oldest one kept when fewer are known; nothing before two
+snapshots). A condition therefore stays true for up to ``window`` snapshots after a
+lasting change, which is what lets the policy's patience (consecutive snapshots) confirm
+it, while a one-snapshot blip does not fire.
+
+The history is compact and typed: a :class:`Snapshot` keeps, per layer, only the numbers
+these rules read (:data:`HISTORY_METRICS`), so the rules are testable on synthetic
+histories without a model or a Trainer, and the policy's checkpoint stays small.
+
+Default history rules (:data:`DEFAULT_HISTORY_RULES`), measured in
+``experiments/results/alarm_lead_time.md``
+===================  ===========================================================  ========
+kind                 fires when (current snapshot vs the one ``window`` back)     severity
+===================  ===========================================================  ========
+scale_collapse       the layer's change of log10 lambda_max differs from the      warning
+                     median change of the other layers by >= 0.5 (a factor 3.2
+                     in lambda_max, 1.8 in the spectral norm), and the layer moved
+                     most among them
+alpha_crossing       alpha was >= 2 and is now < 2, having dropped by >= 0.15     warning
+                     (the README demo's first layer drifts across 2 by 0.10 in
+                     3 snapshots, a healthy run; a learning-rate ramp: 0.17)
+new_traps            >= 2 correlation traps now, none at the reference            warning
+correlation_flow     the layer's alpha change differs from its neighbours' mean   warning
+                     change by >= 1.0 and is the largest among them; alphas
+                     above 6 (random-like, loose fits) are left out; needs
+                     >= 3 such layers
+===================  ===========================================================  ========
+
+``scale_collapse`` fires at once (patience 1, :data:`esdwatch.alarms.policy.DEFAULT_PATIENCE_BY_KIND`):
+its condition is already a 3.2-fold move against the other layers, and waiting a snapshot cost
+half the lead time in the scale experiment without removing a false alarm (there was none);
+the other kinds keep patience 2 (with 1, ``correlation_flow`` fired on a healthy twin at step 125).
+
+Scale collapse, correlation flow and the traps are pathologies of Martin & Mahoney's HT-SR
+list (weightwatcher's documentation, "Scale collapse", "Correlation flow", "Correlation
+traps"); alpha < 2 is the very-heavy-tailed (over-fit) regime of Martin & Mahoney, JMLR
+2021, and the layer signal of anti-grokking (Prakash & Martin, arXiv 2506.04434).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from esdwatch.schema import (
+    ALPHA_CROSSING,
+    CORRELATION_FLOW,
+    NEW_TRAPS,
+    SCALE_COLLAPSE,
+    STATUS_OK,
+    Alarm,
+    LayerReport,
+)
+
+__all__ = [
+    "DEFAULT_HISTORY_RULES",
+    "HISTORY_METRICS",
+    "AlphaCrossingRule",
+    "CorrelationFlowRule",
+    "HistoryRule",
+    "NewTrapsRule",
+    "ScaleJumpRule",
+    "Snapshot",
+    "evaluate_history",
+]
+
+#: the LayerReport fields a :class:`Snapshot` keeps per layer
+HISTORY_METRICS: tuple[str, ...] = ("alpha", "log_spectral_norm", "num_traps")
+
+
+def _num(v: Any) -> float:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return v
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The numbers of one snapshot the history rules read: layer -> metric -> value (NaN: unknown).
+
+    Layers keep the snapshot's order (the model's order), which defines neighbours.
+    """
+
+    step: int | None
+    layers: Mapping[str, Mapping[str, float]]
+
+    @classmethod
+    def from_reports(cls, reports: Iterable[LayerReport], step: int | None) -> Snapshot:
+        """The ``ok`` layers of one analysis (a failed or degenerate layer is unknown here)."""
+        layers = {
+            r.name: {m: _num(getattr(r, m, math.nan)) for m in HISTORY_METRICS}
+            for r in reports
+            if r.status == STATUS_OK
+        }
+        return cls(step, layers)
+
+    def get(self, layer: str, metric: str) -> float:
+        return _num(self.layers.get(layer, {}).get(metric, math.nan))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "layers": {n: {m: (v if math.isfinite(v) else None) for m, v in d.items()} for n, d in self.layers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Snapshot:
+        layers = {n: {m: _num(math.nan if v is None else v) for m, v in d.items()} for n, d in data["layers"].items()}
+        return cls(data.get("step"), layers)
+
+
+@runtime_checkable
+class HistoryRule(Protocol):
+    """A rule on the recent snapshots (oldest first); ``window`` is how far back it looks."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def severity(self) -> str: ...
+
+    @property
+    def window(self) -> int: ...
+
+    def check_history(self, history: Sequence[Snapshot]) -> list[Alarm]: ...
+
+
+def _pair(history: Sequence[Snapshot], window: int) -> tuple[Snapshot, Snapshot] | None:
+    """(reference, current): the snapshot ``window`` back (or the oldest kept), and the last one."""
+    if len(history) < 2:
+        return None
+    return history[max(0, len(history) - 1 - window)], history[-1]
+
+
+def _change(ref: Snapshot, now: Snapshot, layer: str, metric: str) -> float:
+    return now.get(layer, metric) - ref.get(layer, metric)
+
+
+def _why(ref: Snapshot, now: Snapshot) -> dict[str, Any]:
+    return {"reference_step": ref.step, "compared": [ref.step, now.step]}
+
+
+@dataclass(frozen=True)
+class ScaleJumpRule:
+    """Scale collapse: a layer's log10 lambda_max moves against the other layers'.
+
+    change_L = log_spectral_norm_L(now) - log_spectral_norm_L(reference); the rule fires on L
+    when |change_L - median(change_others)| >= ``threshold`` and |change_L| is the largest
+    of all layers' (with two layers, the one that moved). With one layer: |change_L| alone.
+    """
+
+    kind: str = SCALE_COLLAPSE
+    threshold: float = 0.5
+    window: int = 3
+    severity: str = "warning"
+    metric: str = "log_spectral_norm"
+
+    def check_history(self, history: Sequence[Snapshot]) -> list[Alarm]:
+        pair = _pair(history, self.window)
+        if pair is None:
+            return []
+        ref, now = pair
+        changes = {n: _change(ref, now, n, self.metric) for n in now.layers}
+        changes = {n: c for n, c in changes.items() if math.isfinite(c)}
+        biggest = max((abs(c) for c in changes.values()), default=0.0)
+        out = []
+        for name, c in changes.items():
+            others = [v for n, v in changes.items() if n != name]
+            rel = c - (statistics.median(others) if others else 0.0)
+            if abs(rel) < self.threshold or abs(c) < biggest:
+                continue
+            direction = "up" if c > 0 else "down"
+            out.append(
+                Alarm(
+                    kind=self.kind,
+                    layer=name,
+                    value=rel,
+                    threshold=self.threshold,
+                    severity=self.severity,
+                    message=(
+                        f"{name}: log10 lambda_max moved {direction} by {c:+.2f} since step {ref.step} "
+                        f"({rel:+.2f} against the other layers' median, |.| >= {self.threshold:g})"
+                    ),
+                    step=now.step,
+                    extra={
+                        **_why(ref, now),
+                        "from": ref.get(name, self.metric),
+                        "to": now.get(name, self.metric),
+                        "change": c,
+                        "others_median_change": statistics.median(others) if others else 0.0,
+                    },
+                )
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class AlphaCrossingRule:
+    """A layer's alpha crossing ``threshold`` (2) from above, by a drop of at least ``min_drop``."""
+
+    kind: str = ALPHA_CROSSING
+    threshold: float = 2.0
+    min_drop: float = 0.15
+    window: int = 3
+    severity: str = "warning"
+
+    def check_history(self, history: Sequence[Snapshot]) -> list[Alarm]:
+        pair = _pair(history, self.window)
+        if pair is None:
+            return []
+        ref, now = pair
+        out = []
+        for name in now.layers:
+            a0, a1 = ref.get(name, "alpha"), now.get(name, "alpha")
+            if not (math.isfinite(a0) and math.isfinite(a1)):
+                continue
+            if a0 >= self.threshold > a1 and a0 - a1 >= self.min_drop:
+                out.append(
+                    Alarm(
+                        kind=self.kind,
+                        layer=name,
+                        value=a1,
+                        threshold=self.threshold,
+                        severity=self.severity,
+                        message=(
+                            f"{name}: alpha fell from {a0:.3g} (step {ref.step}) to {a1:.3g}, "
+                            f"below {self.threshold:g} (drop {a0 - a1:.2f} >= {self.min_drop:g})"
+                        ),
+                        step=now.step,
+                        extra={**_why(ref, now), "from": a0, "to": a1},
+                    )
+                )
+        return out
+
+
+@dataclass(frozen=True)
+class NewTrapsRule:
+    """Correlation traps appearing where there were none: >= ``min_traps`` now, 0 at the reference."""
+
+    kind: str = NEW_TRAPS
+    min_traps: int = 2
+    window: int = 3
+    severity: str = "warning"
+
+    def check_history(self, history: Sequence[Snapshot]) -> list[Alarm]:
+        pair = _pair(history, self.window)
+        if pair is None:
+            return []
+        ref, now = pair
+        out = []
+        for name in now.layers:
+            t0, t1 = ref.get(name, "num_traps"), now.get(name, "num_traps")
+            if t0 != 0 or not (t1 >= self.min_traps):  # -1 (test off) and NaN never fire
+                continue
+            out.append(
+                Alarm(
+                    kind=self.kind,
+                    layer=name,
+                    value=t1,
+                    threshold=float(self.min_traps),
+                    severity=self.severity,
+                    message=f"{name}: {t1:.0f} correlation traps, none at step {ref.step} (>= {self.min_traps})",
+                    step=now.step,
+                    extra={**_why(ref, now), "from": t0, "to": t1},
+                )
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class CorrelationFlowRule:
+    """Correlation flow broken: a layer's alpha moves away from its neighbours' (the adjacent analysed layers).
+
+    change_L = alpha_L(now) - alpha_L(reference); fires on L when
+    |change_L - mean(change of its neighbours)| >= ``threshold`` and |change_L| >= every
+    neighbour's |change|. Layers with alpha above ``max_alpha`` at either end are left out
+    (random-like layers, whose fits move a lot early in training), and fewer than
+    ``min_layers`` layers left judge nothing: with two, "breaking from the neighbours" cannot
+    say which layer broke (the anti-grokking MLP, two analysed layers with noisy 64- and
+    200-eigenvalue fits, raised it during healthy grokking).
+    """
+
+    kind: str = CORRELATION_FLOW
+    threshold: float = 1.0
+    window: int = 3
+    max_alpha: float = 6.0
+    min_layers: int = 3
+    severity: str = "warning"
+
+    def check_history(self, history: Sequence[Snapshot]) -> list[Alarm]:
+        pair = _pair(history, self.window)
+        if pair is None:
+            return []
+        ref, now = pair
+        names, changes = [], []
+        for name in now.layers:
+            a0, a1 = ref.get(name, "alpha"), now.get(name, "alpha")
+            if math.isfinite(a0) and math.isfinite(a1) and max(a0, a1) <= self.max_alpha:
+                names.append(name)
+                changes.append(a1 - a0)
+        out: list[Alarm] = []
+        if len(names) < self.min_layers:
+            return out
+        for i, name in enumerate(names):
+            nbrs = [changes[j] for j in (i - 1, i + 1) if 0 <= j < len(names)]
+            if not nbrs:
+                continue
+            rel = changes[i] - sum(nbrs) / len(nbrs)
+            if abs(rel) < self.threshold or abs(changes[i]) < max(abs(c) for c in nbrs):
+                continue
+            out.append(
+                Alarm(
+                    kind=self.kind,
+                    layer=name,
+                    value=rel,
+                    threshold=self.threshold,
+                    severity=self.severity,
+                    message=(
+                        f"{name}: alpha changed by {changes[i]:+.2f} since step {ref.step}, its neighbours by "
+                        f"{sum(nbrs) / len(nbrs):+.2f} on average (break {rel:+.2f}, |.| >= {self.threshold:g})"
+                    ),
+                    step=now.step,
+                    extra={
+                        **_why(ref, now),
+                        "from": ref.get(name, "alpha"),
+                        "to": now.get(name, "alpha"),
+                        "neighbours": [names[j] for j in (i - 1, i + 1) if 0 <= j < len(names)],
+                    },
+                )
+            )
+        return out
+
+
+#: The default history rules (table in the module docstring).
+DEFAULT_HISTORY_RULES: tuple[HistoryRule, ...] = (
+    ScaleJumpRule(),
+    AlphaCrossingRule(),
+    NewTrapsRule(),
+    CorrelationFlowRule(),
+)
+
+
+def evaluate_history(history: Sequence[Snapshot], rules: Sequence[HistoryRule] | None = None) -> list[Alarm]:
+    """Alarms raised on the last snapshot of ``history`` (oldest first) by ``rules`` (default: the defaults)."""
+    rules = DEFAULT_HISTORY_RULES if rules is None else tuple(rules)
+    out: list[Alarm] = []
+    for rule in rules:
+        out.extend(rule.check_history(history))
+    return out
