@@ -493,11 +493,14 @@ def test_plain_resume_continues_at_the_next_step_with_one_record_per_step_and_la
         mon.step(step)
         if step == 9:
             state = mon.state_dict()
+            summary = dict(mon.latest_summary)
     mon.abort()
     assert state["last_step"] == 9 and state["last_snapshot_step"] == 8 and state["segment"] == 0
 
     mon2 = Monitor(model, every_n_steps=4, log_dir=tmp_path, on_backpressure="block", **OPTS)
-    mon2.load_state_dict(state)
+    mon2.load_state_dict(json.loads(json.dumps(state)))
+    # the summary of the checkpoint's last snapshot is back before the resumed run's first snapshot
+    assert summary and mon2.latest_summary == summary
     mon2.start(9)
     for step in range(10, 19):
         _train_step(model, opt, step)

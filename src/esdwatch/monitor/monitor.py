@@ -435,7 +435,8 @@ class Monitor:
     # ------------------------------------------------------------------------- state
 
     def state_dict(self, *, drain: bool | None = None) -> dict[str, Any]:
-        """Schedule position, "auto" measurements, alarm counters, phase history, segment and output directory.
+        """Schedule position, "auto" measurements, alarm counters, phase history, segment, output directory
+        and the latest model summary (so a watched ``summary/*`` key exists again from the resumed first epoch).
 
         With ``drain`` (default: the ``drain_on_checkpoint`` option) the snapshots in flight
         are first analysed and written, so the checkpoint never refers to records not on
@@ -454,6 +455,7 @@ class Monitor:
             "skipped": int(self.stats["skipped"]),
             "policy": p.publisher.policy.state_dict(),
             "output_dir": None if p.outputs.directory is None else str(p.outputs.directory),
+            "summary": dict(p.publisher.latest_summary),  # logged again from the resumed run's first epoch
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -469,6 +471,7 @@ class Monitor:
             p.budget.load_state_dict(state)
         self.coordinator.load_counts(int(state.get("snapshots", 0)), int(state.get("skipped", 0)))
         p.publisher.policy.load_state_dict(state.get("policy", {}))
+        p.publisher.latest_summary = {str(k): float(v) for k, v in state.get("summary", {}).items()}
         p.outputs.previous_dir = state.get("output_dir")
         if self._started:
             p.outputs.open()
