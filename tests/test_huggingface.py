@@ -456,15 +456,19 @@ def test_ddp_two_processes_share_the_layers_match_one_process_and_stop_together(
     # the layers were shared: the cost-balanced split, both ranks analysed their part of every snapshot
     assert r0["owners"] == r1["owners"] == owners and set(owners.values()) == {0, 1}
     n1 = sum(1 for r in owners.values() if r == 1)
-    assert (r0["layers_analysed"], r1["layers_analysed"]) == (4 * (len(LAYERS) - n1), 4 * n1)
-    # the snapshot of step 12 (layer poisoned just before) was analysed by rank 1 and reached rank 0 at the
-    # exchange of step 16, where the non_finite alarm (action "stop") fired: both ranks stopped there
-    assert r0["global_step"] == r1["global_step"] == 16
+    # the snapshot of step 12 (layer poisoned just before) was analysed by rank 1; its non_finite alarm
+    # (action "stop") reached rank 0 at an exchange, and both ranks stopped there together: at step 16
+    # usually, at step 12 itself when rank 1's analysis finished before that exchange (seen on a loaded
+    # machine: the byte budget hands results back as soon as they are ready)
+    stop_step = r0["global_step"]
+    assert r1["global_step"] == stop_step and stop_step in (12, 16)
+    steps = tuple(range(4, stop_step + 1, 4))
+    assert (r0["layers_analysed"], r1["layers_analysed"]) == (len(steps) * (len(LAYERS) - n1), len(steps) * n1)
     assert r0["should_training_stop"] and r1["should_training_stop"]
     assert r0["stop_reasons"][0] == ["non_finite", layer, 12]
     out = next(tmp_path.glob("runs/*/esdwatch"))
     raw = [(r.global_step, r.name) for r in read_records(out, dedupe=False)]
-    assert raw == [(s, n) for s in (4, 8, 12, 16) for n in LAYERS]  # written once, by rank 0
+    assert raw == [(s, n) for s in steps for n in LAYERS]  # written once, by rank 0
     assert all(d["owners"] == owners and d["world_size"] == 2 for d in read_distributed(out))
     # rank 0's records at step 8 equal a single-process analysis of the same weights
     assert_records_equal_analysis(read_records(out), {8: torch.load(tmp_path / "weights8.pt")})
