@@ -211,9 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(phase_table(final))
     alarms = read_alarms(path.parent)
     if alarms:
-        print(f"\nalarms ({len(alarms)}):")
+        warnings = sum(a.severity != "info" for a in alarms)
+        print(f"\nalarms ({len(alarms)}, {warnings} at warning level or above):")
         for a in alarms:
-            print(f"  step {a.step}: [{a.kind}] {a.message}")
+            print(f"  step {a.step}: {a.severity} [{a.kind}] {a.message}")
     else:
         print("\nno alarms")
     print(f"\nrecords: {path}")
