@@ -149,6 +149,29 @@ def _why(ref: Snapshot, now: Snapshot) -> dict[str, Any]:
     return {"reference_step": ref.step, "compared": [ref.step, now.step]}
 
 
+def _alarm(
+    rule: HistoryRule,
+    layer: str,
+    value: float,
+    threshold: float,
+    message: str,
+    ref: Snapshot,
+    now: Snapshot,
+    **extra: Any,
+) -> Alarm:
+    """``rule``'s alarm on ``layer`` at ``now``, saying which snapshots it compared (``extra``: the values)."""
+    return Alarm(
+        kind=rule.kind,
+        layer=layer,
+        value=value,
+        threshold=threshold,
+        severity=rule.severity,
+        message=message,
+        step=now.step,
+        extra={**_why(ref, now), **extra},
+    )
+
+
 @dataclass(frozen=True)
 class ScaleJumpRule:
     """Scale collapse: a layer's log10 lambda_max moves against the other layers'.
@@ -179,27 +202,13 @@ class ScaleJumpRule:
             if abs(rel) < self.threshold or abs(c) < biggest:
                 continue
             direction = "up" if c > 0 else "down"
-            out.append(
-                Alarm(
-                    kind=self.kind,
-                    layer=name,
-                    value=rel,
-                    threshold=self.threshold,
-                    severity=self.severity,
-                    message=(
-                        f"{name}: log10 lambda_max moved {direction} by {c:+.2f} since step {ref.step} "
-                        f"({rel:+.2f} against the other layers' median, |.| >= {self.threshold:g})"
-                    ),
-                    step=now.step,
-                    extra={
-                        **_why(ref, now),
-                        "from": ref.get(name, self.metric),
-                        "to": now.get(name, self.metric),
-                        "change": c,
-                        "others_median_change": statistics.median(others) if others else 0.0,
-                    },
-                )
+            message = (
+                f"{name}: log10 lambda_max moved {direction} by {c:+.2f} since step {ref.step} "
+                f"({rel:+.2f} against the other layers' median, |.| >= {self.threshold:g})"
             )
+            extra = {"from": ref.get(name, self.metric), "to": now.get(name, self.metric), "change": c}
+            extra["others_median_change"] = statistics.median(others) if others else 0.0
+            out.append(_alarm(self, name, rel, self.threshold, message, ref, now, **extra))
         return out
 
 
@@ -224,21 +233,11 @@ class AlphaCrossingRule:
             if not (math.isfinite(a0) and math.isfinite(a1)):
                 continue
             if a0 >= self.threshold > a1 and a0 - a1 >= self.min_drop:
-                out.append(
-                    Alarm(
-                        kind=self.kind,
-                        layer=name,
-                        value=a1,
-                        threshold=self.threshold,
-                        severity=self.severity,
-                        message=(
-                            f"{name}: alpha fell from {a0:.3g} (step {ref.step}) to {a1:.3g}, "
-                            f"below {self.threshold:g} (drop {a0 - a1:.2f} >= {self.min_drop:g})"
-                        ),
-                        step=now.step,
-                        extra={**_why(ref, now), "from": a0, "to": a1},
-                    )
+                message = (
+                    f"{name}: alpha fell from {a0:.3g} (step {ref.step}) to {a1:.3g}, "
+                    f"below {self.threshold:g} (drop {a0 - a1:.2f} >= {self.min_drop:g})"
                 )
+                out.append(_alarm(self, name, a1, self.threshold, message, ref, now, **{"from": a0, "to": a1}))
         return out
 
 
@@ -261,18 +260,8 @@ class NewTrapsRule:
             t0, t1 = ref.get(name, "num_traps"), now.get(name, "num_traps")
             if t0 != 0 or not (t1 >= self.min_traps):  # -1 (test off) and NaN never fire
                 continue
-            out.append(
-                Alarm(
-                    kind=self.kind,
-                    layer=name,
-                    value=t1,
-                    threshold=float(self.min_traps),
-                    severity=self.severity,
-                    message=f"{name}: {t1:.0f} correlation traps, none at step {ref.step} (>= {self.min_traps})",
-                    step=now.step,
-                    extra={**_why(ref, now), "from": t0, "to": t1},
-                )
-            )
+            message = f"{name}: {t1:.0f} correlation traps, none at step {ref.step} (>= {self.min_traps})"
+            out.append(_alarm(self, name, t1, float(self.min_traps), message, ref, now, **{"from": t0, "to": t1}))
         return out
 
 
@@ -317,26 +306,13 @@ class CorrelationFlowRule:
             rel = changes[i] - sum(nbrs) / len(nbrs)
             if abs(rel) < self.threshold or abs(changes[i]) < max(abs(c) for c in nbrs):
                 continue
-            out.append(
-                Alarm(
-                    kind=self.kind,
-                    layer=name,
-                    value=rel,
-                    threshold=self.threshold,
-                    severity=self.severity,
-                    message=(
-                        f"{name}: alpha changed by {changes[i]:+.2f} since step {ref.step}, its neighbours by "
-                        f"{sum(nbrs) / len(nbrs):+.2f} on average (break {rel:+.2f}, |.| >= {self.threshold:g})"
-                    ),
-                    step=now.step,
-                    extra={
-                        **_why(ref, now),
-                        "from": ref.get(name, "alpha"),
-                        "to": now.get(name, "alpha"),
-                        "neighbours": [names[j] for j in (i - 1, i + 1) if 0 <= j < len(names)],
-                    },
-                )
+            message = (
+                f"{name}: alpha changed by {changes[i]:+.2f} since step {ref.step}, its neighbours by "
+                f"{sum(nbrs) / len(nbrs):+.2f} on average (break {rel:+.2f}, |.| >= {self.threshold:g})"
             )
+            extra: dict[str, Any] = {"from": ref.get(name, "alpha"), "to": now.get(name, "alpha")}
+            extra["neighbours"] = [names[j] for j in (i - 1, i + 1) if 0 <= j < len(names)]
+            out.append(_alarm(self, name, rel, self.threshold, message, ref, now, **extra))
         return out
 
 
