@@ -206,7 +206,8 @@ class DashboardSink:
         most :data:`PHASE_MAP_ON_CHANGE_MAX_LAYERS` layers (the map is then drawn at this
         snapshot too, whatever ``figure_every`` says: a change is what users look for; a
         larger model's map, slower to draw on the training thread, keeps the cadence)."""
-        small = len(self._latest) <= PHASE_MAP_ON_CHANGE_MAX_LAYERS
+        # the map draws every layer seen, not only this snapshot's (a rotation's subset)
+        small = len(self.phase_spans) <= PHASE_MAP_ON_CHANGE_MAX_LAYERS
         return self.figures and self.phase_map and self._phases_changed and small
 
     def _images(self, step: int, esd: bool = True) -> list[tuple[str, np.ndarray, str]] | None:
