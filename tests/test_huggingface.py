@@ -439,6 +439,9 @@ def _ddp_worker(out: Path) -> None:
     callbacks = [KeepWeights({8}, save_to=out), PoisonAt(12, layer), cb]
     callbacks.append(Report(out, cb))
     train(out, callbacks, max_steps=40, ddp_backend="gloo")
+    # Trainer leaves the process group alive; gloo's threads then abort the process at interpreter exit
+    # ("terminate called without an active exception", pytorch/pytorch#190489) unless it is destroyed first.
+    torch.distributed.destroy_process_group()
 
 
 def test_ddp_two_processes_share_the_layers_match_one_process_and_stop_together(tmp_path):
