@@ -151,3 +151,11 @@ def test_bench_scale_smoke(tmp_path, monkeypatch):
     assert "mode: **smoke**" in text and "## Verdict" in text
     for section in ("## (a) Llama-7B-shaped", "## Stopping rule", "## (b, c) Models", "## Crossover", "## 7B full"):
         assert section in text, section
+
+
+def test_precision_smoke(tmp_path):
+    mod = _load("precision")
+    _run(mod, tmp_path)
+    text = _check_outputs(tmp_path, "precision", 0)
+    assert "| alpha |" in text and "| rank_collapse_fraction | 0 / 0 |" in text
+    assert "| n_tail | 6/6 | 1/1 |" in text and "| phase | 6/6 | 1/1 |" in text

@@ -28,7 +28,7 @@ from esdwatch.engine.model_report import ModelReport
 from esdwatch.engine.mp import DEFAULT_TW_MARGIN, fit_mp
 from esdwatch.engine.phases import DEFAULT_THRESHOLDS, classify_report
 from esdwatch.engine.spectrum import DeferredMatrix, Method, batch_eigenvalues, iter_eigenvalues
-from esdwatch.engine.tail import TailLayer, check_spectrum, tail_layer, uses_tail
+from esdwatch.engine.tail import FALLBACK_METHOD, TailLayer, check_spectrum, tail_layer, uses_tail
 from esdwatch.engine.tail_laws import FitType, check_fit, tail_law_fields
 from esdwatch.engine.threads import parallel_map
 from esdwatch.engine.traps import randomize_matrix, trap_fields_from_evals
@@ -57,14 +57,15 @@ class AnalysisConfig:
     device:
         Where eigenvalues are computed; ``None`` keeps each weight on its own device.
     method:
-        ``"auto"`` / ``"gram"`` / ``"svd"``: see :mod:`esdwatch.engine.spectrum`.
+        ``"auto"`` / ``"gram"`` / ``"svd"`` / ``"mixed"``: see :mod:`esdwatch.engine.spectrum`.
     spectrum:
         ``"exact"`` (every eigenvalue), ``"tail"`` (certified top eigenvalues and a
         quadrature bulk, :mod:`esdwatch.engine.tail`; each record lists its estimated
         metrics in ``LayerReport.estimated``) or ``"auto"`` (the tail path for single
         matrices with M >= ``esdwatch.engine.tail.AUTO_MIN_M`` of the device, the
-        measured crossover; a layer whose x_min is not certified within a quarter of M
-        falls back to the exact path).
+        measured crossover; a layer whose x_min is not certified within M / 16 Krylov vectors
+        (M / 4 with ``"tail"``) falls back to the exact path, by the ``"mixed"`` route when ``method="auto"``:
+        float32 Gram product, float64 eigenvalues, :data:`esdwatch.engine.tail.FALLBACK_METHOD`).
     xmin, xmax:
         Fix the power-law tail bounds instead of scanning x_min by KS distance.
     fix_fingers:
@@ -214,7 +215,7 @@ def _analyze_layers(mats: Sequence[LayerMatrix], config: AnalysisConfig) -> list
     # originals and (for the trap test) their element-wise randomizations go through one
     # batched decomposition; the randomizations are built where they are decomposed (in
     # parallel on the CPU backend, each copy freed as soon as its eigenvalues are known)
-    exact = [i for i in finite_idx if i not in tails or tails[i].evals is None]
+    exact = [i for i in finite_idx if i not in tails]
     rand = [i for i in finite_idx if config.traps and i not in tails]
     weights: list[Any] = [mats[i].weight for i in exact]
     weights += [DeferredMatrix(mats[i].weight, partial(randomize_matrix, seed=config.seed)) for i in rand]
@@ -222,6 +223,13 @@ def _analyze_layers(mats: Sequence[LayerMatrix], config: AnalysisConfig) -> list
     computed = _all_eigenvalues(weights, scales, config) if weights else {}
     at = {i: k for k, i in enumerate(exact)}
     at_rand = {i: len(exact) + k for k, i in enumerate(rand)}
+    # large layers whose tail x_min was not certified: every eigenvalue, by the mixed route
+    fallback = [i for i in finite_idx if i in tails and tails[i].evals is None]
+    if fallback:
+        method = FALLBACK_METHOD if config.method == "auto" and config.dtype == torch.float64 else config.method
+        done = _all_eigenvalues([mats[i].weight for i in fallback], [mats[i].scale for i in fallback], config, method)
+        at.update({i: len(computed) + k for k, i in enumerate(fallback)})
+        computed.update({len(computed) + k: ev for k, ev in done.items()})
     for i in finite_idx:
         tail = tails.get(i)
         ev = computed[at[i]] if i in at else tail.evals  # type: ignore[union-attr]
@@ -275,21 +283,20 @@ def _screen_layers(mats: Sequence[LayerMatrix], reports: list[LayerReport | None
 
 
 def _all_eigenvalues(
-    weights: Sequence[Any], scales: Sequence[float], config: AnalysisConfig
+    weights: Sequence[Any], scales: Sequence[float], config: AnalysisConfig, method: Method | None = None
 ) -> dict[int, torch.Tensor | Exception]:
     """``{k: eigenvalues of weights[k]}``, or the exception that entry raised.
 
-    One batched pass; if a batched call fails (e.g. out of memory), the entries not yet
-    done are retried one by one.
+    One batched pass (by ``method``, default ``config.method``); if a batched call fails
+    (e.g. out of memory), the entries not yet done are retried one by one.
     """
+    method = config.method if method is None else method
     computed: dict[int, torch.Tensor | Exception] = {}
     try:
         # every spectrum first, then the fits: fitting one layer (Python, holding the GIL)
         # while the pool decomposes the next makes the pool wait for the GIL at each
         # kernel boundary (experiments/results/engine_design_notes.md)
-        for k, ev in iter_eigenvalues(
-            weights, scales=scales, dtype=config.dtype, device=config.device, method=config.method
-        ):
+        for k, ev in iter_eigenvalues(weights, scales=scales, dtype=config.dtype, device=config.device, method=method):
             computed[k] = ev
     except Exception:
         log.debug("batched eigenvalues failed, retrying layer by layer", exc_info=True)
@@ -297,7 +304,7 @@ def _all_eigenvalues(
             if k not in computed:
                 try:
                     computed[k] = batch_eigenvalues(
-                        [W], scales=[scale], dtype=config.dtype, device=config.device, method=config.method
+                        [W], scales=[scale], dtype=config.dtype, device=config.device, method=method
                     )[0]
                 except Exception as exc:
                     computed[k] = exc

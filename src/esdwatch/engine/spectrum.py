@@ -15,6 +15,17 @@ Two numerical routes give the same lambda_i:
   condition number, which float32 cannot afford (~1e-4 relative error on the bulk), so
   float32 requests go through the SVD.
 
+* ``"mixed"``: the Gram route with the product W^T W formed in float32 (``ssyrk``, from
+  float32 weights read in place: no float64 copy of W) and its eigenvalues taken in
+  float64. The product's rounding is then the only float32 step: every eigenvalue is off
+  by at most a few 1e-8 lambda_max (float64 eigvalsh of a float32 Gram loses nothing
+  more), while a float32 ``eigvalsh`` would lose ~2e-5 relative on the top eigenvalues
+  themselves. The tail fit, norms, the trap test and the rank-collapse count at 1e-6
+  lambda_max are unchanged to within what the precision experiment measured
+  (experiments/results/precision.md lists each metric's error); only quantities below
+  ~1e-7 lambda_max (the smallest eigenvalues of a full-rank square matrix) move.
+  ``spectrum="auto"`` uses it for its large matrices (:mod:`esdwatch.engine.tail`).
+
 ``method="auto"`` picks ``gram`` in float64 and ``svd`` in float32.
 
 Two backends carry out the Gram route:
@@ -60,7 +71,8 @@ import torch
 
 from esdwatch.engine.threads import blas_control_available, parallel_map
 
-Method = Literal["auto", "gram", "svd"]
+Method = Literal["auto", "gram", "svd", "mixed"]
+Route = Literal["gram", "svd", "mixed"]
 Backend = Literal["auto", "torch", "blas"]
 
 __all__ = [
@@ -90,12 +102,14 @@ class DeferredMatrix:
 MatrixLike = torch.Tensor | DeferredMatrix
 
 
-def resolve_method(method: Method, dtype: torch.dtype) -> Literal["gram", "svd"]:
+def resolve_method(method: Method, dtype: torch.dtype) -> Route:
     """The concrete route for ``method`` at compute precision ``dtype`` (see module doc)."""
     if method == "auto":
         return "gram" if dtype == torch.float64 else "svd"
-    if method not in ("gram", "svd"):
-        raise ValueError(f"method must be 'auto', 'gram' or 'svd', got {method!r}")
+    if method not in ("gram", "svd", "mixed"):
+        raise ValueError(f"method must be 'auto', 'gram', 'svd' or 'mixed', got {method!r}")
+    if method == "mixed" and dtype != torch.float64:
+        raise ValueError("method='mixed' takes the eigenvalues in float64: use dtype=torch.float64")
     return method
 
 
@@ -103,7 +117,7 @@ def resolve_backend(backend: Backend, route: str, dtype: torch.dtype, device: to
     """The concrete backend for Gram/SVD ``route`` at ``dtype`` on ``device`` (module doc)."""
     if backend not in ("auto", "torch", "blas"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'blas', got {backend!r}")
-    eligible = route == "gram" and dtype == torch.float64 and device.type == "cpu"
+    eligible = route in ("gram", "mixed") and dtype == torch.float64 and device.type == "cpu"
     if backend == "blas":
         if not eligible:
             raise ValueError("backend='blas' computes float64 Gram eigenvalues on the CPU only")
@@ -113,22 +127,23 @@ def resolve_backend(backend: Backend, route: str, dtype: torch.dtype, device: to
     return "torch"
 
 
-def _blas_gram_eigenvalues(entry: MatrixLike, scale: float) -> torch.Tensor:
+def _blas_gram_eigenvalues(entry: MatrixLike, scale: float, route: Route = "gram") -> torch.Tensor:
     """Pooled ascending float64 eigenvalues of the Gram matrices of a CPU entry (see module doc).
 
     The entry is a matrix (N, M) in any orientation or a stack (S, N, M); each slice is
-    cast to float64 by numpy, its Gram matrix formed by ``dsyrk`` (``A.T @ A`` or
-    ``A @ A.T``, whichever is M x M) and decomposed by ``torch.linalg.eigvalsh``;
-    ``scale`` is applied to the Gram (scale^2).
+    cast to float64 (float32 on the ``"mixed"`` route) by numpy, its Gram matrix formed by
+    ``dsyrk`` / ``ssyrk`` (``A.T @ A`` or ``A @ A.T``, whichever is M x M), cast to float64
+    and decomposed by ``torch.linalg.eigvalsh``; ``scale`` is applied to the Gram (scale^2).
     """
     W = entry.materialize() if isinstance(entry, DeferredMatrix) else entry
     stack = W.detach().reshape(-1, W.shape[-2], W.shape[-1])
     if stack.dtype not in (torch.float32, torch.float64):
         stack = stack.to(torch.float64)  # numpy has no bfloat16
     out = []
+    product_dtype = np.float32 if route == "mixed" else np.float64
     for piece in stack:
-        a = piece.numpy().astype(np.float64, order="K", copy=False)
-        gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
+        a = piece.numpy().astype(product_dtype, order="K", copy=False)
+        gram = (a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T).astype(np.float64, copy=False)
         if scale != 1.0:
             gram *= scale * scale
         out.append(torch.linalg.eigvalsh(torch.from_numpy(gram)))
@@ -147,9 +162,9 @@ def _oriented(W: torch.Tensor) -> torch.Tensor:
 
 def _eig_stack(W: torch.Tensor, route: str) -> torch.Tensor:
     """Ascending eigenvalues of W^T W for a stack W of shape (B, N, M), N >= M."""
-    if route == "gram":
+    if route in ("gram", "mixed"):  # a "mixed" stack arrives in float32
         gram = W.transpose(-2, -1) @ W
-        evals = torch.linalg.eigvalsh(gram)
+        evals = torch.linalg.eigvalsh(gram.to(torch.float64))
     else:
         evals = torch.linalg.svdvals(W).square().flip(-1)
     # eigvalsh of a PSD matrix can return -eps * lambda_max for true zeros
@@ -177,7 +192,7 @@ def eigenvalues(
     device:
         Where to compute; defaults to W's own device (CUDA weights stay on the GPU).
     method:
-        ``"auto"``, ``"gram"`` or ``"svd"`` (see module docstring).
+        ``"auto"``, ``"gram"``, ``"svd"`` or ``"mixed"`` (see module docstring).
     scale:
         Multiplies W before the decomposition (weightwatcher's conv2d normalization).
     backend:
@@ -255,12 +270,13 @@ def iter_eigenvalues(
             torch_items.append((i, W, scale, target))
 
     if blas:
-        yield from _run_blas(blas)
+        yield from _run_blas(blas, route)
     for i, W, scale, target in torch_items:
         if isinstance(W, DeferredMatrix):
             W = W.materialize()
         stack = _oriented(W)
-        stack = stack.reshape(-1, stack.shape[-2], stack.shape[-1]).to(device=target, dtype=dtype)
+        product_dtype = torch.float32 if route == "mixed" else dtype
+        stack = stack.reshape(-1, stack.shape[-2], stack.shape[-1]).to(device=target, dtype=product_dtype)
         if scale != 1.0:
             stack = stack * scale
         groups[(tuple(stack.shape[-2:]), str(target))].append((i, stack))
@@ -282,12 +298,14 @@ def _cost(entry: MatrixLike) -> int:
     return slices * (n * m * m + m**3)
 
 
-def _run_blas(items: list[tuple[int, MatrixLike, float]]) -> Iterator[tuple[int, torch.Tensor]]:
+def _run_blas(items: list[tuple[int, MatrixLike, float]], route: Route) -> Iterator[tuple[int, torch.Tensor]]:
     """Eigenvalues of BLAS-backend items ``(index, entry, scale)``, as ``(index, evals)``.
 
     Spread over the caller's torch thread count by :func:`esdwatch.engine.threads.parallel_map`,
     largest matrices first (module docstring).
     """
     work = [(entry, scale) for _, entry, scale in items]
-    for k, evals in parallel_map(lambda it: _blas_gram_eigenvalues(*it), work, cost=lambda it: _cost(it[0])):
+    for k, evals in parallel_map(
+        lambda it: _blas_gram_eigenvalues(it[0], it[1], route), work, cost=lambda it: _cost(it[0])
+    ):
         yield items[k][0], evals

@@ -84,6 +84,7 @@ import torch
 
 from esdwatch.engine.mp import DEFAULT_TW_MARGIN, fit_mp
 from esdwatch.engine.powerlaw import PowerLawFit, fit_power_law
+from esdwatch.engine.spectrum import Method
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -549,6 +550,13 @@ def tail_overrides(ts: TopSpectrum) -> dict[str, Any]:
 #: the dense eigensolver is as fast or faster (crossover measured in
 #: experiments/results/bench_scale.md); on a GPU the dense eigvalsh is fast up to larger M.
 AUTO_MIN_M: dict[str, int] = {"cpu": 2048, "cuda": 8192}
+
+#: The route by which a layer of the tail path that falls back takes every eigenvalue (with
+#: ``method="auto"``): the float32 Gram product and float64 eigenvalues of
+#: :mod:`esdwatch.engine.spectrum` (``"mixed"``), within a few 1e-8 lambda_max of the
+#: float64 Gram for every metric that the precision experiment measured
+#: (experiments/results/precision.md) and 1.3-4x faster on the large matrices it is used for.
+FALLBACK_METHOD: Method = "mixed"
 
 #: In ``"auto"``, the Krylov basis may grow to this share of M before the layer falls back
 #: to the dense path: a tail that needs more costs the tail path more than a dense solve,

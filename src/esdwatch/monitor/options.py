@@ -25,12 +25,13 @@ import inspect
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
 from esdwatch.alarms.policy import Action, AlarmPolicy, AnyRule
 from esdwatch.engine.analyzer import AnalysisConfig
+from esdwatch.engine.spectrum import Method
 from esdwatch.engine.tail_laws import check_fit
 
 __all__ = [
@@ -112,7 +113,8 @@ class AnalysisOptions:
         dtype: eigenvalue precision, "float64" or "float32".
         device: where the analysis runs (None: on CPU copies; "cuda": on the GPU, on a side
             stream, thread worker only).
-        method: eigenvalue route, "auto", "gram" or "svd".
+        method: eigenvalue route, "auto", "gram", "svd" or "mixed" (float32 Gram product,
+            float64 eigenvalues: esdwatch.engine.spectrum).
         spectrum: "exact" (every eigenvalue), "tail" (certified top eigenvalues, estimated
             bulk: esdwatch.engine.tail) or "auto" (tail for large matrices, M >= 2048 on
             a CPU, 8192 on a GPU; records say which metrics are estimated).
@@ -133,7 +135,7 @@ class AnalysisOptions:
 
     dtype: Literal["float64", "float32"] = "float64"
     device: str | None = None
-    method: Literal["auto", "gram", "svd"] = "auto"
+    method: Method = "auto"
     spectrum: Literal["exact", "tail", "auto"] = "exact"
     mp_fit: bool = True
     phases: bool = True
@@ -147,7 +149,7 @@ class AnalysisOptions:
 
     def __post_init__(self) -> None:
         _dtype(self.dtype)
-        _choice("method", self.method, ("auto", "gram", "svd"))
+        _choice("method", self.method, get_args(Method))
         check_fit(self.fit)
         _choice("spectrum", self.spectrum, ("exact", "tail", "auto"))
         if self.analyze_fn is not None and not callable(self.analyze_fn):
