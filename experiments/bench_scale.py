@@ -44,6 +44,7 @@ from torch import nn
 from esdwatch.engine.analyzer import analyze, analyze_matrix
 from esdwatch.engine.synthetic import heavy_tailed
 from esdwatch.engine.tail import AUTO_MIN_M, tail_spectrum
+from esdwatch.engine.traps import clear_permutation_cache
 
 NAME = "bench_scale"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,6 +57,7 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """(median wall time of ``repeats`` calls, the last result)."""
     times, out = [], None
     for _ in range(repeats):
+        clear_permutation_cache()  # every call draws the trap test's permutation (cold, as one offline run)
         start = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):
             out = fn()

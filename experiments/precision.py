@@ -32,6 +32,7 @@ import torch
 
 from esdwatch.engine.analyzer import analyze, analyze_matrix
 from esdwatch.engine.synthetic import GENERATORS, heavy_tailed, make_phase_matrix
+from esdwatch.engine.traps import clear_permutation_cache
 from esdwatch.schema import LayerReport
 
 NAME = "precision"
@@ -81,6 +82,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     times, out = [], None
     for _ in range(repeats):
+        clear_permutation_cache()  # every call draws the trap test's permutation (cold, as one offline run)
         start = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - start)

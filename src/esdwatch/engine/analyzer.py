@@ -28,7 +28,7 @@ from esdwatch.engine.model_report import ModelReport
 from esdwatch.engine.mp import DEFAULT_TW_MARGIN, fit_mp
 from esdwatch.engine.phases import DEFAULT_THRESHOLDS, classify_report
 from esdwatch.engine.spectrum import DeferredMatrix, Method, batch_eigenvalues, iter_eigenvalues
-from esdwatch.engine.tail import FALLBACK_METHOD, TailLayer, check_spectrum, tail_layer, uses_tail
+from esdwatch.engine.tail import AUTO_DENSE_METHOD, TailLayer, check_spectrum, tail_layer, uses_tail
 from esdwatch.engine.tail_laws import FitType, check_fit, tail_law_fields
 from esdwatch.engine.threads import parallel_map
 from esdwatch.engine.traps import randomize_matrix, trap_fields_from_evals
@@ -64,8 +64,9 @@ class AnalysisConfig:
         metrics in ``LayerReport.estimated``) or ``"auto"`` (the tail path for single
         matrices with M >= ``esdwatch.engine.tail.AUTO_MIN_M`` of the device, the
         measured crossover; a layer whose x_min is not certified within M / 16 Krylov vectors
-        (M / 4 with ``"tail"``) falls back to the exact path, by the ``"mixed"`` route when ``method="auto"``:
-        float32 Gram product, float64 eigenvalues, :data:`esdwatch.engine.tail.FALLBACK_METHOD`).
+        (M / 4 with ``"tail"``) falls back to the exact path). With ``method="auto"``, every
+        dense decomposition of an ``"auto"`` analysis takes the ``"mixed"`` route (float32
+        Gram product, float64 eigenvalues: :data:`esdwatch.engine.tail.AUTO_DENSE_METHOD`).
     xmin, xmax:
         Fix the power-law tail bounds instead of scanning x_min by KS distance.
     fix_fingers:
@@ -215,27 +216,27 @@ def _analyze_layers(mats: Sequence[LayerMatrix], config: AnalysisConfig) -> list
     # originals and (for the trap test) their element-wise randomizations go through one
     # batched decomposition; the randomizations are built where they are decomposed (in
     # parallel on the CPU backend, each copy freed as soon as its eigenvalues are known)
-    exact = [i for i in finite_idx if i not in tails]
+    exact = [i for i in finite_idx if i not in tails or tails[i].evals is None]
     rand = [i for i in finite_idx if config.traps and i not in tails]
     weights: list[Any] = [mats[i].weight for i in exact]
     weights += [DeferredMatrix(mats[i].weight, partial(randomize_matrix, seed=config.seed)) for i in rand]
     scales = [mats[i].scale for i in exact + rand]
-    computed = _all_eigenvalues(weights, scales, config) if weights else {}
+    computed = _all_eigenvalues(weights, scales, config, _dense_method(config)) if weights else {}
     at = {i: k for k, i in enumerate(exact)}
     at_rand = {i: len(exact) + k for k, i in enumerate(rand)}
-    # large layers whose tail x_min was not certified: every eigenvalue, by the mixed route
-    fallback = [i for i in finite_idx if i in tails and tails[i].evals is None]
-    if fallback:
-        method = FALLBACK_METHOD if config.method == "auto" and config.dtype == torch.float64 else config.method
-        done = _all_eigenvalues([mats[i].weight for i in fallback], [mats[i].scale for i in fallback], config, method)
-        at.update({i: len(computed) + k for k, i in enumerate(fallback)})
-        computed.update({len(computed) + k: ev for k, ev in done.items()})
     for i in finite_idx:
         tail = tails.get(i)
         ev = computed[at[i]] if i in at else tail.evals  # type: ignore[union-attr]
         rev = computed.get(at_rand[i]) if i in at_rand else (tail.rand if tail is not None else None)
         reports[i] = _finish_layer(mats[i], ev, rev, config, dead_units[i], tail)
     return [r for r in reports if r is not None]
+
+
+def _dense_method(config: AnalysisConfig) -> Method:
+    """The route of every dense decomposition: ``"auto"`` spectra take the mixed route."""
+    if config.spectrum == "auto" and config.method == "auto" and config.dtype == torch.float64:
+        return AUTO_DENSE_METHOD
+    return config.method
 
 
 def _tail_layers(mats: Sequence[LayerMatrix], idx: Sequence[int], config: AnalysisConfig) -> dict[int, TailLayer]:

@@ -24,7 +24,7 @@ Two numerical routes give the same lambda_i:
   lambda_max are unchanged to within what the precision experiment measured
   (experiments/results/precision.md lists each metric's error); only quantities below
   ~1e-7 lambda_max (the smallest eigenvalues of a full-rank square matrix) move.
-  ``spectrum="auto"`` uses it for its large matrices (:mod:`esdwatch.engine.tail`).
+  ``spectrum="auto"`` takes every dense decomposition by it (:mod:`esdwatch.engine.tail`).
 
 ``method="auto"`` picks ``gram`` in float64 and ``svd`` in float32.
 
