@@ -25,6 +25,8 @@ Two numerical routes give the same lambda_i:
   (experiments/results/precision.md lists each metric's error); only quantities below
   ~1e-7 lambda_max (the smallest eigenvalues of a full-rank square matrix) move.
   ``spectrum="auto"`` takes every dense decomposition by it (:mod:`esdwatch.engine.tail`).
+  On a GPU the product stays float64: a float32 matmul there may run in TF32 (a
+  process-wide setting of the user's, ~1e-3 relative), and the float64 product is cheap.
 
 ``method="auto"`` picks ``gram`` in float64 and ``svd`` in float32.
 
@@ -275,7 +277,9 @@ def iter_eigenvalues(
         if isinstance(W, DeferredMatrix):
             W = W.materialize()
         stack = _oriented(W)
-        product_dtype = torch.float32 if route == "mixed" else dtype
+        # off the CPU a float32 matmul may run in TF32 (torch.backends.cuda.matmul.allow_tf32, a
+        # process-wide setting of the user's): ~1e-3 relative, so the product stays float64 there
+        product_dtype = torch.float32 if route == "mixed" and target.type == "cpu" else dtype
         stack = stack.reshape(-1, stack.shape[-2], stack.shape[-1]).to(device=target, dtype=product_dtype)
         if scale != 1.0:
             stack = stack * scale
