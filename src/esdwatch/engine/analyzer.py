@@ -28,7 +28,7 @@ from esdwatch.engine.model_report import ModelReport
 from esdwatch.engine.mp import DEFAULT_TW_MARGIN, fit_mp
 from esdwatch.engine.phases import DEFAULT_THRESHOLDS, classify_report
 from esdwatch.engine.spectrum import DeferredMatrix, Method, batch_eigenvalues, iter_eigenvalues
-from esdwatch.engine.tail import AUTO_DENSE_METHOD, TailLayer, check_spectrum, tail_layer, uses_tail
+from esdwatch.engine.tail import AUTO_MIXED_MIN_Q, TailLayer, check_spectrum, tail_layer, uses_tail
 from esdwatch.engine.tail_laws import FitType, check_fit, tail_law_fields
 from esdwatch.engine.threads import parallel_map
 from esdwatch.engine.traps import randomize_matrix, trap_fields_from_evals
@@ -64,9 +64,10 @@ class AnalysisConfig:
         metrics in ``LayerReport.estimated``) or ``"auto"`` (the tail path for single
         matrices with M >= ``esdwatch.engine.tail.AUTO_MIN_M`` of the device, the
         measured crossover; a layer whose x_min is not certified within M / 16 Krylov vectors
-        (M / 4 with ``"tail"``) falls back to the exact path). With ``method="auto"``, every
-        dense decomposition of an ``"auto"`` analysis takes the ``"mixed"`` route (float32
-        Gram product, float64 eigenvalues: :data:`esdwatch.engine.tail.AUTO_DENSE_METHOD`).
+        (M / 4 with ``"tail"``) falls back to the exact path). With ``method="auto"``, an
+        ``"auto"`` analysis decomposes tall matrices (N >= 2M,
+        :data:`esdwatch.engine.tail.AUTO_MIXED_MIN_Q`) by the ``"mixed"`` route (float32
+        Gram product, float64 eigenvalues; experiments/results/precision.md).
     xmin, xmax:
         Fix the power-law tail bounds instead of scanning x_min by KS distance.
     fix_fingers:
@@ -221,7 +222,12 @@ def _analyze_layers(mats: Sequence[LayerMatrix], config: AnalysisConfig) -> list
     weights: list[Any] = [mats[i].weight for i in exact]
     weights += [DeferredMatrix(mats[i].weight, partial(randomize_matrix, seed=config.seed)) for i in rand]
     scales = [mats[i].scale for i in exact + rand]
-    computed = _all_eigenvalues(weights, scales, config, _dense_method(config)) if weights else {}
+    methods = [_dense_method(mats[i], config) for i in exact + rand]
+    computed: dict[int, Any] = {}
+    for method in dict.fromkeys(methods):  # one batched pass per route
+        ks = [k for k, m in enumerate(methods) if m == method]
+        done = _all_eigenvalues([weights[k] for k in ks], [scales[k] for k in ks], config, method)
+        computed.update({ks[j]: ev for j, ev in done.items()})
     at = {i: k for k, i in enumerate(exact)}
     at_rand = {i: len(exact) + k for k, i in enumerate(rand)}
     for i in finite_idx:
@@ -232,10 +238,12 @@ def _analyze_layers(mats: Sequence[LayerMatrix], config: AnalysisConfig) -> list
     return [r for r in reports if r is not None]
 
 
-def _dense_method(config: AnalysisConfig) -> Method:
-    """The route of every dense decomposition: ``"auto"`` spectra take the mixed route."""
-    if config.spectrum == "auto" and config.method == "auto" and config.dtype == torch.float64:
-        return AUTO_DENSE_METHOD
+def _dense_method(mat: LayerMatrix, config: AnalysisConfig) -> Method:
+    """The route of a layer's dense decomposition: under ``spectrum="auto"``, a tall single
+    matrix (N >= AUTO_MIXED_MIN_Q * M) takes the mixed route (esdwatch.engine.tail)."""
+    auto = config.spectrum == "auto" and config.method == "auto" and config.dtype == torch.float64
+    if auto and mat.num_slices == 1 and mat.kind != "lora" and mat.N >= AUTO_MIXED_MIN_Q * mat.M:
+        return "mixed"
     return config.method
 
 

@@ -16,17 +16,22 @@ Two numerical routes give the same lambda_i:
   float32 requests go through the SVD.
 
 * ``"mixed"``: the Gram route with the product W^T W formed in float32 (``ssyrk``, from
-  float32 weights read in place: no float64 copy of W) and its eigenvalues taken in
-  float64. The product's rounding is then the only float32 step: every eigenvalue is off
-  by at most a few 1e-8 lambda_max (float64 eigvalsh of a float32 Gram loses nothing
-  more), while a float32 ``eigvalsh`` would lose ~2e-5 relative on the top eigenvalues
-  themselves. The tail fit, norms, the trap test and the rank-collapse count at 1e-6
-  lambda_max are unchanged to within what the precision experiment measured
-  (experiments/results/precision.md lists each metric's error); only quantities below
-  ~1e-7 lambda_max (the smallest eigenvalues of a full-rank square matrix) move.
-  ``spectrum="auto"`` takes every dense decomposition by it (:mod:`esdwatch.engine.tail`).
-  On a GPU the product stays float64: a float32 matmul there may run in TF32 (a
-  process-wide setting of the user's, ~1e-3 relative), and the float64 product is cheap.
+  float32 weights read in place: no float64 copy of W, a quarter of the float64
+  product's time) and its eigenvalues taken in float64 (a float32 ``eigvalsh`` would
+  lose ~2e-5 relative on the top eigenvalues themselves). The product's rounding moves
+  each eigenvalue by up to ~2e-6 lambda_max (measured), so the top of the spectrum and
+  everything computed from it (alpha, x_min, D, the norms, stable rank, entropy, the trap
+  count, the rank-collapse count at 1e-6 lambda_max) agree with the float64 Gram's to
+  ~1e-6 relative, while quantities that resolve eigenvalues near zero (lambda_min,
+  zero_gap, an MP fit whose bulk reaches zero) would not
+  (experiments/results/precision.md lists each metric's error). Hence the guard: a
+  spectrum whose smallest eigenvalue lies below :data:`MIXED_ZERO_FLOOR` lambda_max is
+  recomputed with the float64 product, so every spectrum this route returns is either
+  far from zero or the float64 one. ``spectrum="auto"`` takes it for matrices with
+  N >= 2M (:data:`esdwatch.engine.tail.AUTO_MIXED_MIN_Q`), where the product dominates
+  the cost and the MP bulk stays away from zero. On a GPU the product stays float64: a
+  float32 matmul there may run in TF32 (a process-wide setting of the user's, ~1e-3
+  relative), and the float64 product is cheap.
 
 ``method="auto"`` picks ``gram`` in float64 and ``svd`` in float32.
 
@@ -76,6 +81,11 @@ from esdwatch.engine.threads import blas_control_available, parallel_map
 Method = Literal["auto", "gram", "svd", "mixed"]
 Route = Literal["gram", "svd", "mixed"]
 Backend = Literal["auto", "torch", "blas"]
+
+#: On the ``"mixed"`` route, a spectrum with an eigenvalue below this share of lambda_max
+#: is recomputed with the float64 product: the float32 product's rounding (up to ~2e-6
+#: lambda_max measured) would show there (module docstring).
+MIXED_ZERO_FLOOR = 1e-4
 
 __all__ = [
     "eigenvalues",
@@ -142,15 +152,26 @@ def _blas_gram_eigenvalues(entry: MatrixLike, scale: float, route: Route = "gram
     if stack.dtype not in (torch.float32, torch.float64):
         stack = stack.to(torch.float64)  # numpy has no bfloat16
     out = []
-    product_dtype = np.float32 if route == "mixed" else np.float64
     for piece in stack:
-        a = piece.numpy().astype(product_dtype, order="K", copy=False)
-        gram = (a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T).astype(np.float64, copy=False)
-        if scale != 1.0:
-            gram *= scale * scale
-        out.append(torch.linalg.eigvalsh(torch.from_numpy(gram)))
+        evals = _blas_piece_eigenvalues(piece, scale, np.float32 if route == "mixed" else np.float64)
+        if route == "mixed" and _near_zero(evals):
+            evals = _blas_piece_eigenvalues(piece, scale, np.float64)
+        out.append(evals)
     evals = out[0] if len(out) == 1 else torch.cat(out).sort().values
     return evals.clamp_min_(0.0)
+
+
+def _blas_piece_eigenvalues(piece: torch.Tensor, scale: float, product_dtype: type) -> torch.Tensor:
+    a: np.ndarray = piece.numpy().astype(product_dtype, order="K", copy=False)
+    gram = (a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T).astype(np.float64, copy=False)
+    if scale != 1.0:
+        gram *= scale * scale
+    return torch.linalg.eigvalsh(torch.from_numpy(gram))
+
+
+def _near_zero(evals: torch.Tensor) -> bool:
+    """Whether a mixed-route spectrum reaches below :data:`MIXED_ZERO_FLOOR` lambda_max."""
+    return bool(evals.numel()) and bool(evals.min() < MIXED_ZERO_FLOOR * evals.max())
 
 
 def _oriented(W: torch.Tensor) -> torch.Tensor:
@@ -167,6 +188,9 @@ def _eig_stack(W: torch.Tensor, route: str) -> torch.Tensor:
     if route in ("gram", "mixed"):  # a "mixed" stack arrives in float32
         gram = W.transpose(-2, -1) @ W
         evals = torch.linalg.eigvalsh(gram.to(torch.float64))
+        if route == "mixed" and W.dtype == torch.float32 and _near_zero(evals):  # its guard (module doc)
+            W64 = W.to(torch.float64)
+            evals = torch.linalg.eigvalsh(W64.transpose(-2, -1) @ W64)
     else:
         evals = torch.linalg.svdvals(W).square().flip(-1)
     # eigvalsh of a PSD matrix can return -eps * lambda_max for true zeros

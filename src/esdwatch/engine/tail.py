@@ -84,7 +84,6 @@ import torch
 
 from esdwatch.engine.mp import DEFAULT_TW_MARGIN, fit_mp
 from esdwatch.engine.powerlaw import PowerLawFit, fit_power_law
-from esdwatch.engine.spectrum import Method
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -551,12 +550,14 @@ def tail_overrides(ts: TopSpectrum) -> dict[str, Any]:
 #: experiments/results/bench_scale.md); on a GPU the dense eigvalsh is fast up to larger M.
 AUTO_MIN_M: dict[str, int] = {"cpu": 2048, "cuda": 8192}
 
-#: The route of every dense decomposition under ``spectrum="auto"`` (with ``method="auto"``):
-#: the float32 Gram product and float64 eigenvalues of :mod:`esdwatch.engine.spectrum`
-#: (``"mixed"``). Every metric the precision experiment compares stays within 2e-6
-#: relative of the float64 Gram's, with the same x_min, phase and trap count
-#: (experiments/results/precision.md); the product costs a quarter as much.
-AUTO_DENSE_METHOD: Method = "mixed"
+#: Under ``spectrum="auto"`` (with ``method="auto"``), a matrix with N >= AUTO_MIXED_MIN_Q * M
+#: is decomposed by the ``"mixed"`` route of :mod:`esdwatch.engine.spectrum` (float32 Gram
+#: product, float64 eigenvalues): there the product dominates the cost (1.2x on 11008 x
+#: 4096, 1.5x on 32000 x 4096, 4x on GPT-2's 50257 x 768 embedding) and the MP bulk stays
+#: away from zero, where the product's rounding would show. On square matrices the
+#: eigensolver dominates (1.13x on 4096 x 4096) and their smallest eigenvalues reach zero,
+#: so they keep the float64 product (experiments/results/precision.md).
+AUTO_MIXED_MIN_Q = 2.0
 
 #: In ``"auto"``, the Krylov basis may grow to this share of M before the layer falls back
 #: to the dense path: a tail that needs more costs the tail path more than a dense solve,
