@@ -51,7 +51,8 @@ Bootstrap interval of alpha
 ---------------------------
 ``alpha_sigma = (alpha - 1) / sqrt(n_tail)`` (CSN eq. 3.2) treats x_min as known. The
 bootstrap (CSN section 3.4) resamples the eigenvalues with replacement and repeats the
-whole fit, x_min scan included, for every resample at once (:func:`bootstrap_alpha`).
+whole fit, x_min scan included, for every resample at once (:func:`bootstrap_alpha`),
+with the copies of an eigenvalue that a resample repeats kept apart as separate points.
 """
 
 from __future__ import annotations
