@@ -173,7 +173,7 @@ def test_bootstrap_copies_are_separate_points():
 def test_bootstrap_sd_matches_the_spread_at_n_100():
     """At n = 100 a resample repeats about a third of the values; as ties they push the KS scan
     to other tails and the bootstrap sd overstates the spread of alpha over draws (here 1.20x,
-    1.1-1.4x in experiments/results/fit_families.md); with the copies kept apart it is within 20%."""
+    1.23x in experiments/results/fit_families.md); with the copies kept apart it is within 20%."""
     rng = np.random.default_rng(9)
     spread = float(np.std([fit_power_law(_pareto(rng, 100, 2.5)).alpha for _ in range(2000)], ddof=1))
     samples = [_pareto(rng, 100, 2.5) for _ in range(60)]
