@@ -11,7 +11,7 @@ import esdwatch
 from esdwatch.engine import synthetic
 from esdwatch.engine.phases import Phase, PhaseThresholds, _tail_check, classify
 from esdwatch.engine.powerlaw import fit_power_law
-from esdwatch.engine.tail_laws import bootstrap_alpha, check_fit, compare_tail_laws
+from esdwatch.engine.tail_laws import _separate_copies, best_law, bootstrap_alpha, check_fit, compare_tail_laws
 
 HAVE_POWERLAW = importlib.util.find_spec("powerlaw") is not None
 needs_powerlaw = pytest.mark.skipif(not HAVE_POWERLAW, reason="powerlaw not installed")
@@ -55,6 +55,32 @@ def test_best_fit_of_clear_tails(law, expected):
     else:
         x = 1.0 + rng.exponential(2.0, 1000)
     assert compare_tail_laws(x, 1.0).best_fit == expected
+
+
+def test_best_law_weighs_tpl_against_lognormal_once_either_beats_pl():
+    """TPL beat PL (nested test, p 0.001), the lognormal did not reach p < 0.1 in its Vuong test
+    against PL, but fits better than the TPL (R_TPL,lognormal < 0): lognormal. The previous rule,
+    which required each law's own significant win over PL, said TPL here."""
+    pairs = {("TPL", "lognormal"): (-0.8, 0.42), ("TPL", "exponential"): (3.0, 0.003)}
+    pairs[("lognormal", "exponential")] = (3.1, 0.002)
+
+    def compare(a, b):
+        return pairs[(a, b)]
+
+    R = {"TPL": -2.5, "lognormal": -1.2, "exponential": 4.0}
+    p = {"TPL": 0.001, "lognormal": 0.23, "exponential": 0.0001}
+    assert best_law(R, p, compare) == "lognormal"
+    pairs[("TPL", "lognormal")] = (0.8, 0.42)
+    assert best_law(R, p, compare) == "TPL"
+    assert best_law({**R, "TPL": 0.5}, {**p, "TPL": 0.3}, compare) == "PL"  # nothing beat PL
+    # the exponential beat PL and no two-parameter law beats the exponential: exponential
+    R_exp = {"TPL": -2.5, "lognormal": -2.0, "exponential": -3.0}
+    p_exp = {"TPL": 0.01, "lognormal": 0.04, "exponential": 0.003}
+    pairs[("TPL", "exponential")] = (0.4, 0.6)
+    pairs[("lognormal", "exponential")] = (0.9, 0.3)
+    assert best_law(R_exp, p_exp, compare) == "exponential"
+    pairs[("lognormal", "exponential")] = (2.0, 0.04)
+    assert best_law(R_exp, p_exp, compare) == "TPL"  # a two-parameter law is in; TPL out-fits lognormal
 
 
 @needs_powerlaw
@@ -127,11 +153,34 @@ def test_alpha_sigma_and_bootstrap_match_the_spread_over_draws():
     fits = [fit_power_law(_pareto(rng, 500, 2.5)) for _ in range(300)]
     spread = float(np.std([f.alpha for f in fits], ddof=1))
     assert np.median([f.sigma for f in fits]) < 0.9 * spread
-    boot_sd = [bootstrap_alpha(_pareto(rng, 500, 2.5), n_boot=100, seed=s).sd for s in range(8)]
-    assert np.median(boot_sd) == pytest.approx(spread, rel=0.2)
-    interval = bootstrap_alpha(_pareto(rng, 500, 2.5), n_boot=100)
-    assert interval.low < interval.high
-    assert (interval.high - interval.low) / (2 * 1.96) == pytest.approx(spread, rel=0.35)
+    boots = [bootstrap_alpha(_pareto(rng, 500, 2.5), n_boot=100, seed=s) for s in range(8)]
+    assert np.median([b.sd for b in boots]) == pytest.approx(spread, rel=0.2)
+    assert all(b.low < b.high for b in boots)
+    # the 95% interval's half-width is 1.96 spreads (one draw's interval varies by a third or more)
+    assert np.median([(b.high - b.low) / (2 * 1.96) for b in boots]) == pytest.approx(spread, rel=0.2)
+
+
+def test_bootstrap_copies_are_separate_points():
+    x = np.array([1.0, 2.0, 3.0, 3.0])  # indices 2 and 3: a tie of the data, kept
+    index = np.array([[3, 0, 2, 3, 0, 0, 3]])
+    got = _separate_copies(x, index)[0]
+    np.testing.assert_allclose(
+        got, [1.0, 1.0 + 1e-9, 1.0 + 2e-9, 3.0, 3.0, 3.0 * (1 + 1e-9), 3.0 * (1 + 2e-9)], rtol=1e-15
+    )
+    assert np.unique(got).size == 6  # the copies are apart, the data's own tie is not
+
+
+def test_bootstrap_sd_matches_the_spread_at_n_100():
+    """At n = 100 a resample repeats about a third of the values; as ties they push the KS scan
+    to other tails and the bootstrap sd overstates the spread of alpha over draws (here 1.20x,
+    1.23x in experiments/results/fit_families.md); with the copies kept apart it is within 20%."""
+    rng = np.random.default_rng(9)
+    spread = float(np.std([fit_power_law(_pareto(rng, 100, 2.5)).alpha for _ in range(2000)], ddof=1))
+    samples = [_pareto(rng, 100, 2.5) for _ in range(60)]
+    apart = np.median([bootstrap_alpha(x, n_boot=100, seed=i).sd for i, x in enumerate(samples)])
+    tied = np.median([bootstrap_alpha(x, n_boot=100, seed=i, break_ties=False).sd for i, x in enumerate(samples)])
+    assert apart == pytest.approx(spread, rel=0.2)
+    assert tied > 1.1 * apart
 
 
 def test_bootstrap_interval_through_analyze():
