@@ -364,34 +364,53 @@ def write(args: argparse.Namespace, mats: list[dict], models: list[dict], cross:
     else:
         L += ["(smoke run: shapes not measured)", ""]
     L += ["## Verdict", "", args.verdict or "(written by hand after the run)", ""]
+    return write_result(out, NAME, L)
+
+
+def write_result(out: Path, name: str, lines: list[str]) -> Path:
+    """``<out>/<name>.md`` with ``lines``; its path."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{NAME}.md"
-    path.write_text("\n".join(L), encoding="utf-8")
+    path = out / f"{name}.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the issue-15 benchmarks: --smoke, --repeats, --out, --threads, --verdict."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, seconds")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-ww", dest="ww", action="store_false", help="skip weightwatcher")
-    parser.add_argument("--ww-all", action="store_true", help="weightwatcher on the trained-like GPT-2 too")
-    parser.add_argument("--no-minilm", action="store_true")
-    parser.add_argument("--no-precision", dest="precision", action="store_false")
-    parser.add_argument("--only", action="append", help="only these matrices of (a); no models, no crossover")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: as is; 1 on a loaded machine)"
     )
     parser.add_argument("--verdict", default="")
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, record the command line and the load, and set torch's threads (1 in smoke mode)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
     args.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     if args.smoke:
-        args.repeats, args.ww = 1, False
+        args.repeats = 1
     if args.smoke or args.threads:
         torch.set_num_threads(args.threads or 1)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--no-ww", dest="ww", action="store_false", help="skip weightwatcher")
+    parser.add_argument("--ww-all", action="store_true", help="weightwatcher on the trained-like GPT-2 too")
+    parser.add_argument("--no-minilm", action="store_true")
+    parser.add_argument("--no-precision", dest="precision", action="store_false")
+    parser.add_argument("--only", action="append", help="only these matrices of (a); no models, no crossover")
+    args = parse_bench_args(parser, argv)
+    if args.smoke:
+        args.ww = False
     mats = bench_matrices(args)
     models = [] if args.only else bench_models(args)
     cross = [] if args.only else crossover(args)

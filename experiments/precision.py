@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from bench_scale import minilm, timed  # same directory: the shared timing (cold trap permutation) and model
+from bench_scale import bench_parser, minilm, parse_bench_args, timed, write_result  # same directory
 
 from esdwatch.engine.analyzer import analyze, analyze_matrix
 from esdwatch.engine.synthetic import GENERATORS, heavy_tailed, make_phase_matrix
@@ -35,7 +33,6 @@ from esdwatch.engine.tail import AUTO_MIXED_MIN_Q
 from esdwatch.schema import LayerReport
 
 NAME = "precision"
-RESULTS = Path(__file__).resolve().parent / "results"
 
 #: Fields compared as numbers (every float field of the record that the default analysis fills).
 FLOAT_FIELDS = [
@@ -157,29 +154,15 @@ def write(args: argparse.Namespace, results: dict[str, dict[str, Any]], rows: li
             f"{r['t32']:.2f} | {r['t64'] / r['t32']:.2f}x |"
         )
     L += ["", "## Verdict", "", args.verdict or "(see the tables)", ""]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{NAME}.md"
-    path.write_text("\n".join(L), encoding="utf-8")
-    return path
+    return write_result(Path(args.out), NAME, L)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, seconds")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = bench_parser(__doc__)
     parser.add_argument("--no-minilm", dest="minilm", action="store_false")
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as is)")
-    parser.add_argument("--verdict", default="")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.argv = argv
-    args.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+    args = parse_bench_args(parser, argv)
     if args.smoke:
-        args.repeats, args.minilm = 1, False
-    if args.smoke or args.threads:
-        torch.set_num_threads(args.threads or 1)
+        args.minilm = False
     groups = {"synthetic phases": synthetic(args.smoke)}
     if args.minilm:
         groups["all-MiniLM-L6-v2"] = minilm_pairs()
