@@ -13,7 +13,7 @@ from esdwatch.engine.analyzer import analyze, analyze_matrix
 from esdwatch.engine.layers import LayerMatrix
 from esdwatch.engine.metrics import rank_collapse_fraction
 from esdwatch.engine.powerlaw import fit_power_law
-from esdwatch.engine.synthetic import heavy_tailed, rank_collapse
+from esdwatch.engine.synthetic import heavy_tailed, power_law_spikes, rank_collapse
 from esdwatch.engine.tail import (
     AUTO_MIN_M,
     pseudo_spectrum,
@@ -83,6 +83,33 @@ def test_tail_fit_equals_the_full_scan():
     H = heavy_tailed(1500, 700, seed=1, mu=3.0, dtype=torch.float32)
     capped = tail_spectrum(H, max_basis=128)
     assert not capped.xmin_certified
+
+
+def test_power_law_spikes_give_a_short_tail_of_known_length():
+    W = power_law_spikes(2048, 2048, num_spikes=60, dtype=torch.float32)
+    full = fit_power_law(torch.linalg.eigvalsh(W.double().T @ W.double()))
+    # the fit finds the spikes (not the bulk): about num_spikes values, alpha near 3
+    assert 30 <= full.n_tail <= 66
+    assert 2.0 <= full.alpha <= 4.0
+    with pytest.raises(ValueError, match="num_spikes"):
+        power_law_spikes(100, 50, num_spikes=0)
+
+
+def test_tail_path_certifies_a_spiked_tail_and_gives_up_on_a_long_one():
+    W = power_law_spikes(2048, 2048, num_spikes=60, dtype=torch.float32)
+    full = fit_power_law(torch.linalg.eigvalsh(W.double().T @ W.double()))
+    ts = tail_spectrum(W, max_basis=512)
+    assert ts.xmin_certified and not ts.complete and ts.basis <= 512
+    assert ts.fit is not None and ts.fit.n_tail == full.n_tail
+    assert abs(ts.fit.alpha - full.alpha) < 1e-5
+    assert math.isclose(ts.fit.xmin, full.xmin, rel_tol=1e-5)
+    # i.i.d. Pareto entries: the pseudo-spectrum's scan puts ~900 of 2048 values in the
+    # tail at the first checkpoint, more than a third of the cap: the rule gives up there
+    # instead of growing the basis to the cap for nothing
+    H = heavy_tailed(2048, 2048, seed=0, mu=2.2, dtype=torch.float32)
+    given_up = tail_spectrum(H, max_basis=512)
+    assert not given_up.xmin_certified
+    assert given_up.basis == 128
 
 
 def test_pseudo_spectrum_keeps_the_exact_trace_and_top():

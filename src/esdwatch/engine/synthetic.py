@@ -57,6 +57,10 @@ Rank-collapse  inner rank r in [1, M / 2] (``A B / sqrt r``) plus   >= 25% of th
                noise 1e-6 relative, or 50-90% dead (all-zero)       (the defaults give >= 50%), noise <= 1e-4
                input units of a Gaussian matrix                     relative to the signal's entries
 =============  ===================================================  ============================================
+
+Beyond the phase table, :func:`power_law_spikes` gives a trained-like ESD whose fitted
+power-law tail has a known, short length (an MP bulk plus power-law-distributed outliers):
+the ground truth of the tail path (:mod:`esdwatch.engine.tail`).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ __all__ = [
     "bulk_plus_spikes",
     "bulk_decay",
     "heavy_tailed",
+    "power_law_spikes",
     "rank_collapse",
     "make_phase_matrix",
     "GENERATORS",
@@ -388,6 +393,41 @@ def heavy_tailed(
     u = 1.0 - rng.random((N, M))  # in (0, 1]
     X = u ** (-1.0 / mu) * rng.choice(np.array([-1.0, 1.0]), size=(N, M))
     return _finish(X, tr, sigma, dtype)
+
+
+def power_law_spikes(
+    N: int,
+    M: int,
+    seed: int | np.random.Generator = 0,
+    sigma: float = 1.0,
+    *,
+    num_spikes: int,
+    alpha: float = 3.0,
+    lo: float = 0.5,
+    cap: float = 200.0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """A trained-like ESD with a short power-law tail of known length: a Marchenko-Pastur
+    bulk plus ``num_spikes`` outliers whose positions follow a power law.
+
+    Gaussian noise plus ``num_spikes`` rank-one signals (HT-SR's picture of training:
+    correlations carried by a few directions above a random bulk) with outliers at
+    ``lambda / lambda_plus = x``, x drawn from the Pareto density ``p(x) ~ x^(-alpha)``
+    on ``x >= 1 + lo`` and capped at ``cap``. The power-law fit then finds a tail of
+    about ``num_spikes`` eigenvalues with alpha near ``alpha``, unlike :func:`heavy_tailed`,
+    whose i.i.d. Pareto entries put 15-40 % of the eigenvalues of a 4096-wide matrix in
+    the fitted tail. Not one of the phase generators: depending on ``num_spikes`` the
+    classifier reads Bulk-decay or Heavy-Tailed. Used by the tail path's benchmark and
+    tests (experiments/bench_scale.py).
+    """
+    N, M, tr, rng = _start(N, M, seed)
+    num_spikes = int(num_spikes)
+    if not 0 < num_spikes <= M:
+        raise ValueError(f"num_spikes must be in [1, M = {M}], got {num_spikes}")
+    if not (alpha > 1 and lo > 0 and cap > 1 + lo):
+        raise ValueError(f"need alpha > 1, lo > 0 and cap > 1 + lo, got {alpha}, {lo}, {cap}")
+    x = (1.0 + lo) * (1.0 - rng.random(num_spikes)) ** (-1.0 / (alpha - 1.0))
+    return _finish(_spiked(N, M, rng, np.minimum(x, cap) - 1.0), tr, sigma, dtype)
 
 
 def rank_collapse(

@@ -35,9 +35,11 @@ The Clauset-Shalizi-Newman scan (:mod:`esdwatch.engine.powerlaw`) tries every va
 x_min, so a fit on a truncated spectrum could pick another x_min. For a candidate x_min
 inside the certified part, alpha and D depend only on the values above it and are those
 of the full scan; the danger is a better candidate below the certified part. The basis
-doubles until the fit of the c certified values puts x_min with at least
-``margin`` * c certified values below it (default half: n_tail <= c / 2) *and* the x_min
-is the same as at the previous checkpoint (stable under growth). The benchmark
+grows (checkpoints 1.5x apart) until the full scan of the pseudo-spectrum (below) picks a
+certified x_min *and* the same x_min as at the previous checkpoint (stable under growth).
+It gives up, and the layer falls back to the dense path, when that scan puts more than
+a third of the basis cap in the tail (certifying n values took 4.5 to 6 n vectors: such a
+tail cannot be certified within the cap). The benchmark
 (experiments/results/bench_scale.md) measures how often a naive rule (stop as soon as
 x_min is not the lowest certified value) picks another x_min than the full scan.
 
@@ -66,9 +68,12 @@ What is then estimated, and how well, is listed in :data:`ESTIMATED_METRICS`
 
 The trap test's randomized matrix needs only its top eigenvalues above
 ``lambda_plus + 4 TW`` and a bulk for the MP fit: the same run with a smaller block,
-until the count above the threshold is the same at two successive checkpoints (Ritz
-values approach from below, so the count never over-counts; trap eigenvalues are
-isolated and converge first).
+until the count above the threshold is the same at two successive checkpoints (trap
+eigenvalues are isolated and converge first). The count is an estimate either way: Ritz
+values approach the eigenvalues from below, but the threshold comes from the MP fit of
+the pseudo-spectrum, not of the exact one, so it can sit lower or higher than the exact
+path's (on the benchmark's Pareto-entry matrices the counts differed by tens of traps in
+both directions, the decision, traps or none, never: experiments/results/bench_scale.md).
 """
 
 from __future__ import annotations
@@ -147,6 +152,15 @@ _DEFAULT_BLOCK = 32
 # sqrt(M) eps32 theta_1 (measured: 1.3 sqrt(M) eps32 theta_1 on a rank-200 6000 x 2400 matrix)
 _FLOOR_FACTOR = 8.0
 _FIRST_CHECK_BLOCKS = 4
+# Checkpoints grow the basis by this factor: a Rayleigh-Ritz step costs little next to the
+# products, and a finer schedule stops closer to the basis a tail needs (doubling certified
+# a 81-value tail of 4096 x 4096 at 512 vectors, but needed 1024 to see it twice)
+_CHECK_GROWTH = 1.5
+# The x_min rule gives up (the layer falls back to the dense path) when the full scan of
+# the pseudo-spectrum puts more than this share of the basis cap in the tail: certifying
+# n values took 4.5 to 6 n vectors on the benchmark's spectra, so such a tail cannot be
+# certified within the cap and growing further only wastes products
+_GIVE_UP_TAIL_SHARE = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -294,6 +308,19 @@ def _oriented2d(W: torch.Tensor) -> torch.Tensor:
     return W.T if W.shape[0] < W.shape[1] else W
 
 
+def _squared_frobenius(W: torch.Tensor) -> float:
+    """||W||_F^2 accumulated in float64 (the exact trace of W^T W).
+
+    On the CPU through numpy's einsum, which accumulates in float64 without the float64
+    copy of W that ``vector_norm(W, dtype=float64)`` makes (0.05 s against 0.30 s on
+    11008 x 4096, one thread).
+    """
+    if W.device.type == "cpu" and W.dtype in (torch.float32, torch.float64) and not W.requires_grad:
+        a = W.numpy()
+        return float(np.einsum("ij,ij->", a, a, dtype=np.float64))
+    return float(torch.linalg.vector_norm(W, dtype=torch.float64).square())
+
+
 def top_spectrum(
     W: torch.Tensor,
     *,
@@ -310,8 +337,8 @@ def top_spectrum(
     """Certified top eigenvalues of A = (s W)^T (s W) by block Krylov (module docstring).
 
     The basis grows by one block per step; at checkpoints (``first_check`` columns,
-    default 4 blocks, then doubling) the Rayleigh-Ritz step certifies the top values and
-    ``stop(current, previous)`` decides whether to go on. Without ``stop`` the first
+    default 4 blocks, then 1.5 times the last, in whole blocks) the Rayleigh-Ritz step
+    certifies the top values and ``stop(current, previous)`` decides whether to go on. Without ``stop`` the first
     checkpoint is the last. Growth ends at ``max_basis`` (default M) or when the basis
     spans R^M (then every eigenvalue is known: ``complete``).
     """
@@ -319,7 +346,7 @@ def top_spectrum(
     target = torch.device(device) if device is not None else W.device
     Wc = W.to(device=target, dtype=dtype)
     M = Wc.shape[1]
-    trace = float(torch.linalg.vector_norm(W.to(target), dtype=torch.float64).square()) * float(scale) ** 2
+    trace = _squared_frobenius(W) * float(scale) ** 2
     cap = M if max_basis is None else max(1, min(M, int(max_basis)))
     kry = _BlockKrylov(Wc, scale, dtype, block, seed, cap + block)
     check = max(kry.block, first_check or _FIRST_CHECK_BLOCKS * kry.block)
@@ -332,7 +359,7 @@ def top_spectrum(
         if stop is None or current.complete or stop(current, previous) or kry.done >= cap:
             return current
         previous = current
-        check = 2 * kry.done
+        check = kry.done + max(kry.block, math.ceil((_CHECK_GROWTH - 1.0) * kry.done / kry.block) * kry.block)
 
 
 def _checkpoint(kry: _BlockKrylov, trace: float, dtype: torch.dtype, rtol: float) -> TopSpectrum:
@@ -453,21 +480,26 @@ def tail_spectrum(
 
     ``rule="naive"`` stops as soon as x_min is not the lowest certified value (for the
     benchmark's comparison). The returned ``fit`` is that of the certified values.
+    The strict rule gives up early (``xmin_certified`` False, the caller falls back to the
+    dense path) when the full scan of the pseudo-spectrum puts more than a third of the
+    basis cap in the tail: a tail that long cannot be certified within the cap.
     """
     fits: dict[int, PowerLawFit] = {}
     met: dict[int, bool] = {}
+    give_up_n = _GIVE_UP_TAIL_SHARE * (max_basis if max_basis is not None else _oriented2d(W).shape[1])
 
     def stop(current: TopSpectrum, previous: TopSpectrum | None) -> bool:
-        if current.num_certified < 4:
-            return False
         if rule == "naive":
+            if current.num_certified < 4:
+                return False
             done, fit = naive_xmin_rule(current.values)
         else:
             prev_fit = fits.get(previous.basis) if previous is not None else None
             done, fit = xmin_rule(current, prev_fit)
         fits[current.basis] = fit
         met[current.basis] = done
-        return done
+        # not done: ``fit`` is the full scan of the pseudo-spectrum, n_tail its estimate
+        return done or (rule != "naive" and fit.ok and fit.n_tail > give_up_n)
 
     ts = top_spectrum(
         W, scale=scale, dtype=dtype, device=device, block=block, rtol=rtol, stop=stop, max_basis=max_basis, seed=seed
@@ -494,8 +526,8 @@ def trap_spectrum(
 
     Grows until the number of Ritz values above ``lambda_plus + tw_margin * TW`` (from
     the MP fit of the pseudo-spectrum) is the same at two successive checkpoints, or is
-    positive at both (the decision is then settled and the count a lower bound: Ritz values
-    approach the eigenvalues from below; the record then lists ``num_traps`` as estimated).
+    positive at both (the decision is then settled; the count is an estimate, see the module
+    docstring, and the record lists ``num_traps`` as estimated).
     """
     counts: dict[int, int] = {}
 
@@ -509,7 +541,7 @@ def trap_spectrum(
         if previous is None:
             return False
         before = counts.get(previous.basis, -1)
-        # the count settled, or the decision (traps or not) did: the count is then a lower bound
+        # the count settled, or the decision (traps or not) did
         return counts[current.basis] == before or (counts[current.basis] > 0 and before > 0)
 
     return top_spectrum(
@@ -561,8 +593,11 @@ AUTO_MIXED_MIN_Q = 2.0
 
 #: In ``"auto"``, the Krylov basis may grow to this share of M before the layer falls back
 #: to the dense path: a tail that needs more costs the tail path more than a dense solve,
-#: and a small share bounds what a fallback wastes (about 4 N M^2 / 16 float32 flops).
-AUTO_MAX_BASIS_FRACTION = 1 / 16
+#: and a small share bounds what a fallback wastes (about 4 N M^2 / 8 float32 flops, less
+#: when the x_min rule gives up early). M / 16 certified no tail longer than about 35
+#: values of 4096; M / 8 certifies the 70-value tails of bulk + power-law-spike spectra
+#: (experiments/results/bench_scale.md).
+AUTO_MAX_BASIS_FRACTION = 1 / 8
 
 #: With ``"tail"`` forced, the basis may grow further (to M / 4, at least 512 vectors; a
 #: complete basis would cost more than the dense path); beyond it the layer falls back to
