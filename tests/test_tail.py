@@ -151,7 +151,7 @@ def test_tail_report_marks_estimated_metrics():
 
 def test_auto_decomposes_tall_matrices_by_the_mixed_route():
     # N = 2M: the float32 product (a heavy tail holding a third of the spectrum is not
-    # certified within M / 16 vectors, so every eigenvalue is computed), with the float64
+    # certified within M / 8 vectors, so every eigenvalue is computed), with the float64
     # path's fit (x_min equal, alpha within 1e-6) and phase; a square matrix keeps float64
     W = heavy_tailed(2 * AUTO_MIN_M["cpu"], AUTO_MIN_M["cpu"], seed=1, mu=3.0, dtype=torch.float32)
     exact = analyze_matrix(W, spectrum="exact", traps=False, keep_evals=True)
@@ -164,6 +164,33 @@ def test_auto_decomposes_tall_matrices_by_the_mixed_route():
     square = torch.randn(300, 300, generator=torch.Generator().manual_seed(0))
     same = (analyze_matrix(square, spectrum=s, traps=False, keep_evals=True).evals for s in ("auto", "exact"))
     assert np.array_equal(*same)
+
+
+def test_auto_takes_the_float64_product_when_the_tail_attempt_saw_a_null_space(monkeypatch):
+    # a tall rank-collapsed matrix whose rank is below the tail attempt's basis: the attempt's
+    # smallest Ritz value (an upper bound of the smallest eigenvalue) is ~0, so the dense
+    # fallback goes straight to the float64 product instead of the mixed route + its guard
+    from esdwatch.engine import spectrum
+
+    monkeypatch.setitem(AUTO_MIN_M, "cpu", 64)
+    products: list[type] = []
+    real = spectrum._blas_piece_eigenvalues
+    monkeypatch.setattr(
+        spectrum, "_blas_piece_eigenvalues", lambda piece, scale, dt: products.append(dt) or real(piece, scale, dt)
+    )
+    collapsed = rank_collapse(1200, 500, seed=1, mode="low_rank", rank=40, dtype=torch.float32)
+    report = analyze_matrix(collapsed, spectrum="auto", traps=False)
+    assert report.phase == "Rank-collapse" and report.spectrum == "exact"
+    assert products == [np.float64]
+    # a rank above the basis is not seen by the attempt: mixed first, then the guard's float64
+    products.clear()
+    analyze_matrix(
+        rank_collapse(1200, 500, seed=1, mode="low_rank", rank=300, dtype=torch.float32), spectrum="auto", traps=False
+    )
+    assert products == [np.float32, np.float64]
+    products.clear()
+    analyze_matrix(heavy_tailed(1200, 500, seed=1, mu=3.0, dtype=torch.float32), spectrum="auto", traps=False)
+    assert products == [np.float32]
 
 
 def test_rank_collapse_detected_on_the_tail_path():
