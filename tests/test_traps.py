@@ -228,3 +228,21 @@ def test_largest_entries_of_a_transposed_view_name_the_same_positions():
     assert [(e.row, e.col, e.value) for e in from_view] == [(e.row, e.col, e.value) for e in from_copy]
     assert [(e.row, e.col) for e in from_view] == [(70, 3), (5, 25)]
     assert from_view[0].zscore > 10 and from_view[1].zscore < -10
+
+
+def test_largest_entries_match_a_full_sort():
+    # the row-extremes shortcut finds the same entries as ranking every entry by |w - mean|
+    g = torch.Generator().manual_seed(3)
+    for W in (
+        torch.randn(300, 200, generator=g),
+        torch.randn(200, 300, generator=g).T,  # an oriented view
+        torch.randn(4, 30, 50, generator=g),  # a stack of slices
+        torch.randn(1, 500, generator=g),
+        torch.randn(500, 1, generator=g),
+    ):
+        values = W.reshape(-1).double()
+        ranked = torch.argsort((values - values.mean()).abs(), descending=True)
+        for k in (1, 5, 20):
+            got = sorted(abs(e.value - float(values.mean())) for e in largest_entries(W, k))
+            want = sorted(float((values[i] - values.mean()).abs()) for i in ranked[:k])
+            assert got == pytest.approx(want, rel=1e-12)

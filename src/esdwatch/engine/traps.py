@@ -294,6 +294,26 @@ def esd_distance(evals_a: Any, evals_b: Any, bins: int | None = None) -> float:
     return float(math.sqrt(max(0.5 * (kl_p + kl_q), 0.0)))
 
 
+def _extreme_candidates(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices (into ``rows``, n x m) of its k largest and k smallest entries.
+
+    The k largest entries lie in the k rows with the largest maxima (a row holding one has
+    its maximum at or above the k-th largest value, and at most k rows can, ties aside), so
+    after one pass for the row extremes the top-k runs over k rows only (on 4096 x 4096:
+    0.03 s, against 0.48 s for ``torch.topk`` over all 16.8M entries). Likewise for the
+    smallest. Among exactly tied values another index may be returned.
+    """
+    width = rows.shape[1]
+    lows, highs = torch.aminmax(rows, dim=1)
+    out = []
+    for extremes, largest in ((highs, True), (lows, False)):
+        picked = torch.topk(extremes, min(k, rows.shape[0]), largest=largest).indices
+        block = rows[picked].reshape(-1)
+        j = torch.topk(block, min(k, block.numel()), largest=largest).indices
+        out.append(picked[j // width] * width + j % width)
+    return torch.cat(out).unique()
+
+
 def largest_entries(W: Any, k: int, *, transpose: bool = False) -> tuple[TrapEntry, ...]:
     """The k entries of W farthest from the entries' mean (2-D, or (S, N, M) with slice indices).
 
@@ -313,7 +333,7 @@ def largest_entries(W: Any, k: int, *, transpose: bool = False) -> tuple[TrapEnt
     # sees); the k farthest from it are among the k largest and the k smallest entries,
     # found without materializing |W - mean| (a copy of an embedding, 12M entries)
     mean, std = _mean_std(values)
-    cand = torch.cat([torch.topk(values, k).indices, torch.topk(values, k, largest=False).indices]).unique()
+    cand = _extreme_candidates(Wf.reshape(-1, Wf.shape[-1]) if Wf.ndim >= 2 else Wf.reshape(1, -1), k)
     distance = (values[cand].to(torch.float64) - mean).abs()
     idx = cand[torch.argsort(distance, descending=True, stable=True)[:k]]
     flat = values
