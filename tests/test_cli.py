@@ -35,6 +35,22 @@ def test_state_dict_file_table(tmp_path, capsys):
     assert "<alpha>" in out
 
 
+def test_table_says_which_layers_took_the_tail_path(tmp_path, capsys):
+    from esdwatch.engine.synthetic import power_law_spikes
+
+    path = tmp_path / "w.pt"
+    torch.save({"big.weight": power_law_spikes(2048, 2048, num_spikes=60, dtype=torch.float32)}, path)
+    assert main(["analyze", str(path), "--spectrum", "tail", "--no-traps"]) == 0
+    out = capsys.readouterr().out
+    header, _, row = out.splitlines()[1:4]
+    assert header.split()[-2:] == ["spectrum", "status"] and row.split()[-2:] == ["tail", "ok"]
+    assert "spectrum=tail:" in out and "estimates from its bulk quadrature: entropy, mp_softrank" in out
+    # every value exact: no spectrum column, no note
+    assert main(["analyze", str(path), "--no-traps"]) == 0
+    out = capsys.readouterr().out
+    assert "spectrum" not in out.splitlines()[1] and "spectrum=tail" not in out
+
+
 def test_lightning_style_checkpoint_json(tmp_path, capsys):
     path = tmp_path / "model.ckpt"
     sd = {f"model.{k}": v for k, v in _model().state_dict().items()}

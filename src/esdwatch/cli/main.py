@@ -42,12 +42,21 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "num_spikes",
     "num_traps",
     "phase",
+    "spectrum",
     "status",
 )
 
 
 #: Columns filled only by an option (fit="TPL"/"E_TPL", alpha_ci=True).
 _OPTIONAL_COLUMNS = frozenset({"alpha_ci_low", "alpha_ci_high", "best_fit"})
+
+
+def _shown(column: str, records: list[dict[str, Any]]) -> bool:
+    """Whether the table shows ``column``: options not asked for (all empty) are left out,
+    and ``spectrum`` only when some layer took the tail path (else every value is exact)."""
+    if column == "spectrum":
+        return any(r.get("spectrum") == "tail" for r in records)
+    return column not in _OPTIONAL_COLUMNS or any(_filled(r.get(column)) for r in records)
 
 
 def _filled(value: Any) -> bool:
@@ -104,9 +113,16 @@ def render_report(report, fmt: str) -> str:
             writer.writeheader()
             writer.writerows(records)
         return buf.getvalue().rstrip("\n")
-    # columns of options that were not asked for (all empty) are left out
-    columns = [c for c in TABLE_COLUMNS if c not in _OPTIONAL_COLUMNS or any(_filled(r.get(c)) for r in records)]
+    columns = [c for c in TABLE_COLUMNS if _shown(c, records)]
     parts = [f"{len(report.layers)} analyzed matrices ({report.elapsed_s:.2f} s)", format_table(records, columns)]
+    estimated = {m for r in records if r.get("spectrum") == "tail" for m in str(r.get("estimated", "")).split(",")}
+    if estimated:
+        shown = ", ".join(c for c in columns if c in estimated)
+        parts.append(
+            "\nspectrum=tail: the power-law fit and the norms come from the certified top of the spectrum;"
+            f"\n  estimates from its bulk quadrature: {shown}"
+            "\n  (a layer's `estimated` field lists every estimated field: --format json or csv)"
+        )
     if report.skipped:
         parts.append(f"\n{len(report.skipped)} skipped:")
         parts += [f"  {s.name} {tuple(s.shape)}: {s.reason}" for s in report.skipped]
