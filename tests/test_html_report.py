@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from esdwatch import analyze_matrix, cli
 from esdwatch.alarms import Alarm
@@ -163,6 +164,26 @@ def test_report_without_spectra_draws_fits_and_says_so(tmp_path):
     assert page == out / "report" / "index.html"
     assert "recorded no spectra" in page.read_text(encoding="utf-8")
     assert len(_srcs(page)) == 4 + 3
+
+
+def test_report_marks_the_estimates_of_tail_path_layers(tmp_path):
+    from esdwatch.engine.synthetic import power_law_spikes
+
+    out = tmp_path / "esdwatch"
+    jsonl = JsonlSink(out).open()
+    W = power_law_spikes(2048, 2048, num_spikes=60, dtype=torch.float32)
+    tail = analyze_matrix(W, name="big", spectrum="tail", traps=False)
+    exact = analyze_matrix(make_phase_matrix("Heavy-Tailed", 120, 60), name="small", traps=False)
+    assert tail.spectrum == "tail" and "entropy" in tail.estimated.split(",")
+    jsonl.write([LayerRecord(0, 0, 1_700_000_000.0, rep) for rep in (tail, exact)], 0)
+    jsonl.close()
+    text = build_report(tmp_path).read_text(encoding="utf-8")
+    rows = [row.split("</tr>")[0] for row in text.split("<tr>")]
+    big_row = next(row for row in rows if row.startswith("<td class='l'>big</td>"))
+    small_row = next(row for row in rows if row.startswith("<td class='l'>small</td>"))
+    assert big_row.count("&asymp;") == 4  # phase, entropy, soft rank, spikes (no trap test run)
+    assert "&asymp;" not in small_row
+    assert "marks an estimate" in text
 
 
 @pytest.mark.parametrize(

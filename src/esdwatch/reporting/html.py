@@ -29,6 +29,7 @@ import html
 import math
 import os
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,14 @@ def _num(value: Any, spec: str = ".3f") -> str:
     if not math.isfinite(v):
         return "&ndash;"
     return format(v, spec)
+
+
+def _marked(report: Any, field: str, cell: str) -> str:
+    """``cell`` marked as an estimate when ``field`` is one in ``report`` (the tail path's
+    bulk metrics: esdwatch.engine.tail), else as it is."""
+    if field not in (report.estimated or "").split(","):
+        return cell
+    return f"<span title='estimate (tail path)'>&asymp;&nbsp;{cell}</span>"
 
 
 def _count(value: Any) -> str:
@@ -257,15 +266,23 @@ def build_report(
     rows = []
     for rec in latest:
         r = rec.report
+        cell = partial(_marked, r)
         rows.append(
             f"<tr><td class='l'>{_esc(r.name)}</td><td class='l'>{_esc(r.kind)}</td><td>{r.N} &times; {r.M}</td>"
-            f"<td class='l'>{_phase_cell(r.phase)}</td><td>{_num(r.alpha)}</td><td>{_sigma_cell(r)}</td>"
-            f"<td>{_num(r.D)}</td><td class='l'>{_esc(r.best_fit or '-')}</td>"
-            f"<td>{_num(r.alpha_weighted)}</td><td>{_num(r.entropy)}</td><td>{_num(r.mp_softrank)}</td>"
-            f"<td>{_num(r.stable_rank, '.2f')}</td><td>{_count(r.num_spikes)}</td><td>{_count(r.num_traps)}</td>"
+            f"<td class='l'>{cell('phase', _phase_cell(r.phase))}</td><td>{_num(r.alpha)}</td>"
+            f"<td>{_sigma_cell(r)}</td><td>{_num(r.D)}</td><td class='l'>{_esc(r.best_fit or '-')}</td>"
+            f"<td>{_num(r.alpha_weighted)}</td><td>{cell('entropy', _num(r.entropy))}</td>"
+            f"<td>{cell('mp_softrank', _num(r.mp_softrank))}</td><td>{_num(r.stable_rank, '.2f')}</td>"
+            f"<td>{cell('num_spikes', _count(r.num_spikes))}</td><td>{cell('num_traps', _count(r.num_traps))}</td>"
             f"<td class='l'>{_esc(r.status)}</td></tr>"
         )
     parts.append(f"<table>{head}{''.join(rows)}</table>")
+    if any(rec.report.estimated for rec in latest):
+        parts.append(
+            '<p>&asymp; marks an estimate: the layer took the tail path (<code>spectrum="tail"</code>), whose '
+            "power-law fit and norms come from the certified top of the spectrum and whose bulk metrics from a "
+            "quadrature; its record's <code>estimated</code> field lists every such field.</p>"
+        )
 
     # phase map and trajectories
     parts.append("<h2>Phase map</h2>")
