@@ -175,3 +175,16 @@ def test_a_phase_change_redraws_the_map_at_once_in_models_of_at_most_32_layers(t
     ea.Reload()
     assert [e.step for e in ea.Images("esdwatch/phase_map")] == map_steps
     assert sink.phase_spans["l0"] == ("Heavy-Tailed", 1, "Random-like")
+
+
+def test_phase_table_marks_a_tail_path_estimate():
+    from esdwatch import analyze_matrix
+    from esdwatch.schema import LayerRecord
+    from esdwatch.sinks.dashboard import phases_markdown
+
+    exact = analyze_matrix(make_phase_matrix("Heavy-Tailed", 120, 60), name="exact_layer", traps=False)
+    estimated = exact.replace(name="tail_layer", spectrum="tail", estimated="entropy,phase")
+    table = phases_markdown([LayerRecord(5, 0, 0.0, r) for r in (exact, estimated)], {}, 5)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert "estimate" not in rows["exact_layer"]
+    assert "Heavy-Tailed (≈ estimate: tail path)" in rows["tail_layer"]

@@ -101,11 +101,14 @@ def alarms_markdown(alarms: Sequence[Alarm]) -> str:
 
 def phases_markdown(records: Sequence[LayerRecord], spans: dict[str, PhaseSpan], step: int) -> str:
     """A markdown table of one snapshot's phases: layer, phase (bold where it changed at
-    this snapshot), since step, the phase before, alpha."""
+    this snapshot; marked where it is an estimate of the tail path), since step, the phase
+    before, alpha."""
     lines = ["| layer | phase | since step | before | alpha |", "|---|---|---:|---|---:|"]
     for rec in records:
         phase, since, before = spans.get(rec.name, (phase_name(rec.report.phase), step, None))
         shown = f"**{phase}** (new)" if since == step and before is not None else phase
+        if "phase" in (rec.report.estimated or "").split(","):
+            shown += " (≈ estimate: tail path)"
         alpha = finite_value(rec.report.alpha)
         lines.append(
             f"| {_md(rec.name)} | {shown} | {since} | {before or ''} | {'' if alpha is None else f'{alpha:.3f}'} |"
