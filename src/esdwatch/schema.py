@@ -285,6 +285,11 @@ class LayerReport:
     def ok(self) -> bool:
         return self.status == STATUS_OK
 
+    @property
+    def estimated_fields(self) -> frozenset[str]:
+        """The names in ``estimated``: the fields of this record that are estimates."""
+        return frozenset(name for name in self.estimated.split(",") if name)
+
     def replace(self, **changes: Any) -> LayerReport:
         return dataclasses.replace(self, **changes)
 

@@ -115,7 +115,7 @@ def render_report(report, fmt: str) -> str:
         return buf.getvalue().rstrip("\n")
     columns = [c for c in TABLE_COLUMNS if _shown(c, records)]
     parts = [f"{len(report.layers)} analyzed matrices ({report.elapsed_s:.2f} s)", format_table(records, columns)]
-    estimated = {m for r in records if r.get("spectrum") == "tail" for m in str(r.get("estimated", "")).split(",")}
+    estimated = {name for layer in report.layers if layer.spectrum == "tail" for name in layer.estimated_fields}
     if estimated:
         shown = ", ".join(c for c in columns if c in estimated)
         parts.append(

@@ -104,7 +104,7 @@ def _num(value: Any, spec: str = ".3f") -> str:
 def _marked(report: Any, field: str, cell: str) -> str:
     """``cell`` marked as an estimate when ``field`` is one in ``report`` (the tail path's
     bulk metrics: esdwatch.engine.tail), else as it is."""
-    if field not in (report.estimated or "").split(","):
+    if field not in report.estimated_fields:
         return cell
     return f"<span title='estimate (tail path)'>&asymp;&nbsp;{cell}</span>"
 

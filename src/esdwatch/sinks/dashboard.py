@@ -107,7 +107,7 @@ def phases_markdown(records: Sequence[LayerRecord], spans: dict[str, PhaseSpan],
     for rec in records:
         phase, since, before = spans.get(rec.name, (phase_name(rec.report.phase), step, None))
         shown = f"**{phase}** (new)" if since == step and before is not None else phase
-        if "phase" in (rec.report.estimated or "").split(","):
+        if "phase" in rec.report.estimated_fields:
             shown += " (≈ estimate: tail path)"
         alpha = finite_value(rec.report.alpha)
         lines.append(
