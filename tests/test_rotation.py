@@ -346,7 +346,8 @@ def _ddp_worker(rank: int, world: int, out: str, port: int) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        time.sleep(0.002)
+        # steps long enough that the budget (0.5 x 2 steps) holds several layers on a loaded CI machine
+        time.sleep(0.03)
         before = mon.snapshots
         mon.step(step)
         if mon.snapshots > before:
