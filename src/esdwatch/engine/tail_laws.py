@@ -45,7 +45,9 @@ law fits at every candidate (``xmin_distribution="truncated_power_law"``, one nu
 fit per candidate), with the window's lower bound passed as ``log10(0.95 peak)`` (in
 log units, so in effect no lower bound); esdwatch selects x_min by the power law's KS
 distance (the x_min reported with alpha) within [0.95 peak, 1.5 peak) and fits the TPL
-once above it. Given the same x_min the TPL alpha and Lambda are the same numbers.
+once above it. Given the same x_min the TPL alpha and Lambda are the same numbers
+(measured against weightwatcher 0.7.7 run with powerlaw 1.5: to 1e-10; with powerlaw 2 its
+TPL fits fail and return alpha = Lambda = -1).
 
 Bootstrap interval of alpha
 ---------------------------
