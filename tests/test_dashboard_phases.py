@@ -188,3 +188,21 @@ def test_phase_table_marks_a_tail_path_estimate():
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert "estimate" not in rows["exact_layer"]
     assert "Heavy-Tailed (≈ estimate: tail path)" in rows["tail_layer"]
+
+
+def test_phase_table_shows_alpha_with_its_error_and_the_best_tail_law_when_fitted():
+    from esdwatch import analyze_matrix
+    from esdwatch.schema import LayerRecord
+    from esdwatch.sinks.dashboard import phases_markdown
+
+    pl = analyze_matrix(make_phase_matrix("Heavy-Tailed", 120, 60), name="pl_layer", traps=False)
+    table = phases_markdown([LayerRecord(5, 0, 0.0, pl)], {}, 5)
+    assert "best fit" not in table  # fit="PL": no column of empty cells
+    assert f"{pl.alpha:.3f} ± {pl.alpha_sigma:.3f}" in table
+    tpl = analyze_matrix(make_phase_matrix("Heavy-Tailed", 120, 60), name="tpl_layer", traps=False, fit="TPL")
+    assert tpl.best_fit in ("PL", "TPL", "lognormal", "exponential")
+    table = phases_markdown([LayerRecord(5, 0, 0.0, r) for r in (tpl, pl.replace(alpha=float("nan")))], {}, 5)
+    head, _, tpl_row, pl_row = table.splitlines()
+    assert head.endswith("| alpha | best fit |")
+    assert tpl_row.endswith(f"| {tpl.alpha:.3f} ± {tpl.alpha_sigma:.3f} | {tpl.best_fit} |")
+    assert pl_row.endswith("|  |  |")  # no alpha, no fit: empty cells, never "nan"

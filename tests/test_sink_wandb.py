@@ -287,3 +287,34 @@ def test_without_wandb_the_sink_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "IMPORT-ERROR: esdwatch's W&B sink needs wandb: pip install 'esdwatch[wandb]'" in out.stdout
+
+
+def test_the_layer_table_and_scalars_carry_the_tail_law_fit_and_the_tail_path_estimates(tmp_path, snapshots):
+    """fit="TPL" fields (best_fit, tpl_alpha, tpl_lambda, alpha_sigma) and the tail path's
+    ``spectrum`` / ``estimated`` reach the W&B table; tpl_alpha is a per-layer scalar."""
+    from esdwatch import analyze_matrix
+    from esdwatch.engine.synthetic import make_phase_matrix
+    from esdwatch.schema import LayerRecord
+
+    tpl = analyze_matrix(make_phase_matrix("Heavy-Tailed", 120, 60, seed=3), name="head", traps=False, fit="TPL")
+    assert tpl.best_fit and math.isfinite(tpl.tpl_alpha)
+    exact = snapshots[0][0].report  # encoder.0, fit="PL", exact spectrum
+    estimated = tpl.replace(spectrum="tail", estimated="entropy,mp_softrank,phase")
+    run = wandb.init(project="esdwatch-test", dir=str(tmp_path / "wb"), settings=wandb.Settings(x_disable_stats=True))
+    sink = WandbSink(run, figure_every=1, esd_figures=False, phase_map=False)
+    sink.write([LayerRecord(7, 0, 0.0, exact), LayerRecord(7, 0, 0.0, estimated)], 7)
+    sink.close()
+    run_dir = Path(run.dir).parent
+    run.finish()
+    (item,) = [it for it in history(inspect_run(run_dir)) if "esdwatch/layers._type" in it]
+    assert item["esdwatch/tpl_alpha/head"] == pytest.approx(tpl.tpl_alpha, rel=1e-12)
+    assert "esdwatch/tpl_alpha/encoder.0" not in item  # fit="PL": not computed, not logged
+    table = json.loads((run_dir / "files" / item["esdwatch/layers.path"]).read_text())
+    assert table["columns"] == list(TABLE_COLUMNS)
+    rows = {row[table["columns"].index("name")]: dict(zip(table["columns"], row)) for row in table["data"]}
+    head, enc = rows["head"], rows["encoder.0"]
+    assert head["best_fit"] == tpl.best_fit and head["tpl_alpha"] == pytest.approx(tpl.tpl_alpha)
+    assert head["tpl_lambda"] == pytest.approx(tpl.tpl_lambda) and head["alpha_sigma"] == pytest.approx(tpl.alpha_sigma)
+    assert head["spectrum"] == "tail" and head["estimated"] == "entropy,mp_softrank,phase"
+    assert enc["alpha_sigma"] == pytest.approx(exact.alpha_sigma) and enc["spectrum"] == "exact"
+    assert enc["best_fit"] is None and enc["tpl_alpha"] is None and enc["estimated"] is None  # empty, never "nan"

@@ -27,6 +27,7 @@ from esdwatch.schema import (
     Alarm,
     LatestRecords,
     LayerRecord,
+    LayerReport,
     Log10Histogram,
     log10_histogram,
     phase_name,
@@ -99,20 +100,29 @@ def alarms_markdown(alarms: Sequence[Alarm]) -> str:
     return "\n".join(lines)
 
 
+def _alpha_text(report: LayerReport) -> str:
+    """``alpha ± alpha_sigma`` (its CSN standard error), ``alpha`` alone, or empty when not computed."""
+    alpha, sigma = finite_value(report.alpha), finite_value(report.alpha_sigma)
+    if alpha is None:
+        return ""
+    return f"{alpha:.3f}" if sigma is None else f"{alpha:.3f} ± {sigma:.3f}"
+
+
 def phases_markdown(records: Sequence[LayerRecord], spans: dict[str, PhaseSpan], step: int) -> str:
     """A markdown table of one snapshot's phases: layer, phase (bold where it changed at
     this snapshot; marked where it is an estimate of the tail path), since step, the phase
-    before, alpha."""
-    lines = ["| layer | phase | since step | before | alpha |", "|---|---|---:|---|---:|"]
+    before, alpha with its standard error, and the best tail law when the monitor fits
+    them (``fit="TPL"`` / ``"E_TPL"``)."""
+    best_fit = any(rec.report.best_fit for rec in records)
+    head = "| layer | phase | since step | before | alpha |" + (" best fit |" if best_fit else "")
+    lines = [head, "|---|---|---:|---|---:|" + ("---|" if best_fit else "")]
     for rec in records:
         phase, since, before = spans.get(rec.name, (phase_name(rec.report.phase), step, None))
         shown = f"**{phase}** (new)" if since == step and before is not None else phase
         if "phase" in rec.report.estimated_fields:
             shown += " (≈ estimate: tail path)"
-        alpha = finite_value(rec.report.alpha)
-        lines.append(
-            f"| {_md(rec.name)} | {shown} | {since} | {before or ''} | {'' if alpha is None else f'{alpha:.3f}'} |"
-        )
+        row = f"| {_md(rec.name)} | {shown} | {since} | {before or ''} | {_alpha_text(rec.report)} |"
+        lines.append(row + (f" {rec.report.best_fit} |" if best_fit else ""))
     return "\n".join(lines)
 
 

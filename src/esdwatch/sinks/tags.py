@@ -39,7 +39,8 @@ __all__ = [
     "ESD_HISTOGRAM_DESCRIPTION",
 ]
 
-#: Per-layer scalars written by every sink, as ``<prefix>/<metric>/<layer>``.
+#: Per-layer scalars written by every sink, as ``<prefix>/<metric>/<layer>`` (``tpl_alpha``
+#: only with ``fit="TPL"`` / ``"E_TPL"``: not computed otherwise, so not logged).
 SCALAR_METRICS: tuple[str, ...] = (
     "alpha",
     "alpha_weighted",
@@ -50,6 +51,7 @@ SCALAR_METRICS: tuple[str, ...] = (
     "num_spikes",
     "num_traps",
     "phase",
+    "tpl_alpha",
 )
 
 #: Integer metrics whose "not computed" value is -1.

@@ -61,7 +61,9 @@ MAX_TITLE_CHARS = 63
 
 _SEVERITY = {"info": 0, "warning": 1, "error": 2}
 
-#: Columns of the per-layer table (LayerRecord / LayerReport fields; phase by name).
+#: Columns of the per-layer table (LayerRecord / LayerReport fields; phase by name). Empty
+#: where not computed: ``best_fit``, ``tpl_alpha``, ``tpl_lambda`` without ``fit="TPL"`` /
+#: ``"E_TPL"``; ``estimated`` (the fields the tail path estimated) on exact spectra.
 TABLE_COLUMNS: tuple[str, ...] = (
     "global_step",
     "name",
@@ -70,6 +72,10 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "M",
     "phase",
     "alpha",
+    "alpha_sigma",
+    "best_fit",
+    "tpl_alpha",
+    "tpl_lambda",
     "alpha_weighted",
     "entropy",
     "stable_rank",
@@ -81,6 +87,8 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "xmin",
     "lambda_plus",
     "lambda_max",
+    "spectrum",
+    "estimated",
     "status",
 )
 
@@ -109,6 +117,8 @@ def _cell(rec: LayerRecord, column: str) -> Any:
     value = getattr(rec.report, column, None)
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if value == "" and column in ("best_fit", "estimated"):
+        return None  # not computed: an empty cell, as for a NaN
     return value
 
 
