@@ -12,6 +12,7 @@ import pytest
 
 from esdwatch.alarms import (
     ALPHA_CROSSING,
+    ALPHA_LOW,
     CORRELATION_FLOW,
     DEFAULT_HISTORY_RULES,
     NEW_TRAPS,
@@ -251,3 +252,116 @@ def evaluate_alarms_one(**fields):
     from esdwatch.alarms import evaluate_alarms
 
     return evaluate_alarms([report("fc1", **fields)], step=0)[0]
+
+
+# ------------------------------------------------------------------ under a layer rotation
+
+
+def _rotate(policy: AlarmPolicy, layers: list[str], per: int, values, snapshots: int, replayed: bool = False):
+    """Feed ``snapshots`` snapshots of a rotation (``per`` layers each, round-robin), as the
+    monitor does (the layers not analysed are ``kept``); ``values(layer, k)``: the fields of
+    ``layer`` at snapshot k. Returns (step, kind, layer) of every alarm fired."""
+    out, records = [], []
+    for k in range(snapshots):
+        step = 10 * k
+        names = [layers[(k * per + i) % len(layers)] for i in range(per)]
+        reports = [report(n, **values(n, k)) for n in names]
+        records += [LayerRecord(step, 0, 0.0, r) for r in reports]
+        if not replayed:
+            kept = [n for n in layers if n not in names]
+            out += [(step, a.kind, a.layer) for a in policy.update(reports, step, kept=kept)]
+    if replayed:
+        out = [(a.step, a.kind, a.layer) for a in replay(records, policy)]
+    return out
+
+
+@pytest.mark.parametrize("replayed", [False, True])
+def test_history_rules_judge_each_layer_against_its_own_earlier_analyses_under_a_rotation(replayed):
+    """2 of 8 layers per snapshot: each layer is analysed every fourth snapshot, so the
+    snapshot 3 back never holds the layers of the current one; each layer is compared with
+    its own analysis ``window`` analyses back. Replayed records (read back from a run
+    directory) fire the same alarms as the live policy."""
+    layers = [f"fc{i}" for i in range(8)]
+
+    def values(name, k):  # fc3 (analysed at snapshots 1, 5, 9, 13, ...) falls through 2 from 9 on
+        return {"alpha": 1.7 if name == "fc3" and k >= 9 else 2.6}
+
+    got = _rotate(AlarmPolicy(phase_transitions=False), layers, 2, values, 21, replayed)
+    # raised at fc3's analysis of snapshot 9, confirmed (patience 2) at its next one, 13: that
+    # one compares with fc3's own analysis 3 analyses back (snapshot 1), 2.6 -> 1.7
+    assert got == [(130, ALPHA_LOW, "fc3"), (130, ALPHA_CROSSING, "fc3")]
+
+
+def test_under_a_rotation_layers_growing_together_are_no_scale_collapse_but_one_layer_is():
+    layers = [f"fc{i}" for i in range(8)]
+
+    def together(name, k):  # every layer's lambda_max grows steadily, each analysed every 4th snapshot
+        return {"log_spectral_norm": 1.0 + 0.3 * k}
+
+    assert _rotate(AlarmPolicy(phase_transitions=False), layers, 2, together, 24) == []
+
+    def one(name, k):  # only fc4 (analysed at snapshots 2, 6, 10, ...) drops, from snapshot 10 on
+        return {"log_spectral_norm": 0.1 if name == "fc4" and k >= 10 else 1.0}
+
+    got = _rotate(AlarmPolicy(phase_transitions=False), layers, 2, one, 24)
+    assert got == [(100, SCALE_COLLAPSE, "fc4")]  # patience 1: at fc4's first analysis after the drop
+    alarm = AlarmPolicy(phase_transitions=False)
+    fired = [a for k in range(11) for a in _rotate_one(alarm, layers, k, one)]
+    assert fired[0].extra["compared"] == [20, 100] and "since step 20" in fired[0].message
+
+
+def _rotate_one(policy: AlarmPolicy, layers: list[str], k: int, values) -> list:
+    names = [layers[(2 * k + i) % len(layers)] for i in range(2)]
+    return policy.update([report(n, **values(n, k)) for n in names], 10 * k, kept=[n for n in layers if n not in names])
+
+
+def test_policy_state_from_before_per_layer_history_still_loads():
+    """A checkpoint written before (a list of snapshots) restores the same history."""
+    policy = AlarmPolicy(phase_transitions=False)
+    for s in range(4):
+        policy.update([report("fc1"), report("fc2", num_traps=0), report("fc3")], s)
+    old = policy.state_dict()
+    old.pop("layer_history", None)
+    old["snapshots"] = [
+        Snapshot(
+            s, {n: {"alpha": 3.0, "log_spectral_norm": 1.0, "num_traps": 0.0} for n in ("fc1", "fc2", "fc3")}
+        ).to_dict()
+        for s in range(4)
+    ]
+    restored = AlarmPolicy(phase_transitions=False)
+    restored.load_state_dict(old)
+    restored.update([report("fc1"), report("fc2", num_traps=4), report("fc3")], 4)
+    fired = restored.update([report("fc1"), report("fc2", num_traps=4), report("fc3")], 5)
+    assert [(a.layer, a.extra["compared"]) for a in fired if a.kind == NEW_TRAPS] == [("fc2", [2, 5])]
+
+
+def test_without_a_rotation_the_per_layer_view_judges_exactly_the_snapshot_window_back():
+    """Every layer in every snapshot (some failing, one added midway): the per-layer history
+    raises the same alarms, with the same numbers and steps, as the snapshots themselves."""
+    import random
+
+    from esdwatch.alarms import LayerHistory
+
+    rng = random.Random(0)
+    history, per_layer, compared = [], LayerHistory(4), 0
+    for k in range(60):
+        names = [f"fc{i}" for i in range(5 if k >= 20 else 4)]
+        reports = [
+            report(
+                n,
+                alpha=rng.choice([1.7, 2.1, 2.6, 3.5, 7.0]),
+                log_spectral_norm=rng.choice([0.2, 1.0, 1.1, 1.8]),
+                num_traps=rng.choice([0, 0, 3]),
+                status="failed" if rng.random() < 0.05 else "ok",
+            )
+            for n in names
+        ]
+        history = [*history, Snapshot.from_reports(reports, 10 * k)][-4:]
+        per_layer.add(reports, 10 * k)
+        analysed = {r.name for r in reports if r.status == "ok"}
+        for rule in DEFAULT_HISTORY_RULES:
+            old = [a.to_dict() for a in rule.check_history(history) if a.layer in analysed]
+            new = [a.to_dict() for a in rule.check_history(per_layer.view(rule.window, 10 * k))]
+            assert new == old, (k, rule.kind)
+            compared += len(old)
+    assert compared > 50  # the rules did fire on these histories

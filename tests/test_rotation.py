@@ -293,6 +293,26 @@ def test_auto_starts_with_one_layer_then_fits_the_budget_and_covers_every_layer(
     assert set(rot.cost_s) == seen and all(c > 0 for c in rot.cost_s.values())
 
 
+def test_a_layer_whose_scale_collapses_under_a_rotation_raises_the_history_alarm(tmp_path):
+    """8 layers, 2 per snapshot (each layer every 4th snapshot): layer 5's weights are scaled
+    down 10x after step 40; the scale_collapse alarm fires at its next analysis (step 44),
+    comparing it with its own earlier analysis, and replaying the records fires the same."""
+    from esdwatch.alarms import replay
+    from esdwatch.rundir import read_alarms
+
+    model = _mlp(8)
+    mon = Monitor(model, every_n_steps=4, layers_per_snapshot=2, log_dir=tmp_path, at_end=False, **OPTS)
+    _loop(mon, model, range(1, 41))
+    with torch.no_grad():
+        model[5].weight.mul_(0.1)
+    _loop(mon, model, range(41, 81))
+    mon.close()
+    got = [(a.step, a.layer, a.extra["compared"]) for a in read_alarms(tmp_path) if a.kind == "scale_collapse"]
+    assert got == [(44, "5", [12, 44])]  # layer 5 is analysed at steps 12, 28, 44, 60, 76
+    replayed = [(a.step, a.layer) for a in replay(read_records(tmp_path)) if a.kind == "scale_collapse"]
+    assert replayed == [(44, "5")]
+
+
 def test_a_lightning_run_records_each_layer_at_its_rotation_steps(tmp_path):
     L = pytest.importorskip("lightning.pytorch")
     import _lightning_helpers as H

@@ -11,6 +11,18 @@ The history is compact and typed: a :class:`Snapshot` keeps, per layer, only the
 these rules read (:data:`HISTORY_METRICS`), so the rules are testable on synthetic
 histories without a model or a Trainer, and the policy's checkpoint stays small.
 
+In a run, the policy keeps each layer's own last analyses (:class:`LayerHistory`) and hands
+each rule a two-snapshot history (:meth:`LayerHistory.view`): every layer's latest analysis,
+and its analysis ``window`` analyses of that layer back. Without a layer rotation that is
+exactly "the snapshot ``window`` back". With one (``layers_per_snapshot``, each layer
+analysed every few snapshots) a snapshot ``window`` back holds other layers, so the rules
+would compare nothing; the per-layer view compares each layer with its own earlier
+analyses, and the other layers' changes (the median of :class:`ScaleJumpRule`, the
+neighbours of :class:`CorrelationFlowRule`) are their latest ones. Only layers whose change
+spans as many analyses as the longest present are judged together, so layers analysed
+twice are not set against layers analysed four times (a steady growth would look like a
+jump); the policy keeps the alarms of the layers analysed in the current snapshot.
+
 Default history rules (:data:`DEFAULT_HISTORY_RULES`), measured in
 ``experiments/results/alarm_lead_time.md``
 ===================  ===========================================================  ========
@@ -46,7 +58,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from esdwatch.schema import (
@@ -65,6 +77,7 @@ __all__ = [
     "AlphaCrossingRule",
     "CorrelationFlowRule",
     "HistoryRule",
+    "LayerHistory",
     "NewTrapsRule",
     "ScaleJumpRule",
     "Snapshot",
@@ -88,10 +101,17 @@ class Snapshot:
     """The numbers of one snapshot the history rules read: layer -> metric -> value (NaN: unknown).
 
     Layers keep the snapshot's order (the model's order), which defines neighbours.
+    ``steps``: the step of each layer's values where they differ from ``step`` (a view of
+    :class:`LayerHistory`, whose layers were analysed at different steps).
     """
 
     step: int | None
     layers: Mapping[str, Mapping[str, float]]
+    steps: Mapping[str, int | None] = field(default_factory=dict)
+
+    def step_of(self, layer: str) -> int | None:
+        """The step ``layer``'s values come from."""
+        return self.steps.get(layer, self.step)
 
     @classmethod
     def from_reports(cls, reports: Iterable[LayerReport], step: int | None) -> Snapshot:
@@ -107,15 +127,18 @@ class Snapshot:
         return _num(self.layers.get(layer, {}).get(metric, math.nan))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "step": self.step,
             "layers": {n: {m: (v if math.isfinite(v) else None) for m, v in d.items()} for n, d in self.layers.items()},
         }
+        if self.steps:
+            out["steps"] = dict(self.steps)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Snapshot:
         layers = {n: {m: _num(math.nan if v is None else v) for m, v in d.items()} for n, d in data["layers"].items()}
-        return cls(data.get("step"), layers)
+        return cls(data.get("step"), layers, dict(data.get("steps") or {}))
 
 
 @runtime_checkable
@@ -134,6 +157,80 @@ class HistoryRule(Protocol):
     def check_history(self, history: Sequence[Snapshot]) -> list[Alarm]: ...
 
 
+def _metrics(report: LayerReport) -> dict[str, float]:
+    """The numbers a history keeps of one analysis: NaN for a failed or degenerate one (unknown)."""
+    ok = report.status == STATUS_OK
+    return {m: _num(getattr(report, m, math.nan)) if ok else math.nan for m in HISTORY_METRICS}
+
+
+class LayerHistory:
+    """Each layer's last ``depth`` analyses (step and :data:`HISTORY_METRICS`), in the model's order.
+
+    :meth:`view` is what a history rule judges (module docstring). A failed or degenerate
+    analysis counts as an analysis with unknown values, so "``window`` analyses back" means
+    the same as "``window`` snapshots back" when every snapshot analyses every layer.
+    """
+
+    def __init__(self, depth: int):
+        self.depth = max(2, int(depth))
+        self.entries: dict[str, list[tuple[int | None, dict[str, float]]]] = {}
+
+    def add(self, reports: Iterable[LayerReport], step: int | None) -> None:
+        """The analyses of one snapshot (a subset of the layers under a rotation)."""
+        for r in reports:
+            kept = self.entries.setdefault(r.name, [])
+            kept.append((step, _metrics(r)))
+            del kept[: -self.depth]
+
+    def keep_only(self, layers: Iterable[str]) -> None:
+        """Forget the layers not in ``layers`` (removed from the model)."""
+        present = set(layers)
+        for name in [n for n in self.entries if n not in present]:
+            del self.entries[name]
+
+    def view(self, window: int, step: int | None) -> list[Snapshot]:
+        """``[reference, current]`` for a rule looking ``window`` analyses back (``[]``: nothing to compare).
+
+        Each layer's span is ``min(window, its analyses - 1)``; the layers with the longest
+        span are in the view: current = their latest analysis, reference = the one ``span``
+        analyses before it. ``step``: the current snapshot's step.
+        """
+        spans = {n: min(int(window), len(e) - 1) for n, e in self.entries.items()}
+        top = max(spans.values(), default=0)
+        if top < 1:
+            return []
+        names = [n for n, span in spans.items() if span == top]
+        ref = {n: self.entries[n][-1 - top] for n in names}
+        now = {n: self.entries[n][-1] for n in names}
+        ref_steps = {n: s for n, (s, _) in ref.items()}
+        known = [s for s in ref_steps.values() if s is not None]
+        return [
+            Snapshot(min(known) if known else None, {n: v for n, (_, v) in ref.items()}, ref_steps),
+            Snapshot(step, {n: v for n, (_, v) in now.items()}, {n: s for n, (s, _) in now.items()}),
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            n: [[s, {m: (v if math.isfinite(v) else None) for m, v in d.items()}] for s, d in e]
+            for n, e in self.entries.items()
+        }
+
+    def load(self, data: Mapping[str, Any]) -> None:
+        self.entries = {
+            n: [(s, {m: _num(math.nan if v is None else v) for m, v in d.items()}) for s, d in e][-self.depth :]
+            for n, e in data.items()
+        }
+
+    def load_snapshots(self, snapshots: Iterable[Snapshot]) -> None:
+        """Rebuild from the snapshots a checkpoint kept before the history was per layer."""
+        self.entries = {}
+        for snap in snapshots:
+            for name, values in snap.layers.items():
+                kept = self.entries.setdefault(name, [])
+                kept.append((snap.step, dict(values)))
+                del kept[: -self.depth]
+
+
 def _pair(history: Sequence[Snapshot], window: int) -> tuple[Snapshot, Snapshot] | None:
     """(reference, current): the snapshot ``window`` back (or the oldest kept), and the last one."""
     if len(history) < 2:
@@ -145,8 +242,8 @@ def _change(ref: Snapshot, now: Snapshot, layer: str, metric: str) -> float:
     return now.get(layer, metric) - ref.get(layer, metric)
 
 
-def _why(ref: Snapshot, now: Snapshot) -> dict[str, Any]:
-    return {"reference_step": ref.step, "compared": [ref.step, now.step]}
+def _why(ref: Snapshot, now: Snapshot, layer: str) -> dict[str, Any]:
+    return {"reference_step": ref.step_of(layer), "compared": [ref.step_of(layer), now.step_of(layer)]}
 
 
 def _alarm(
@@ -168,7 +265,7 @@ def _alarm(
         severity=rule.severity,
         message=message,
         step=now.step,
-        extra={**_why(ref, now), **extra},
+        extra={**_why(ref, now, layer), **extra},
     )
 
 
@@ -203,7 +300,7 @@ class ScaleJumpRule:
                 continue
             direction = "up" if c > 0 else "down"
             message = (
-                f"{name}: log10 lambda_max moved {direction} by {c:+.2f} since step {ref.step} "
+                f"{name}: log10 lambda_max moved {direction} by {c:+.2f} since step {ref.step_of(name)} "
                 f"({rel:+.2f} against the other layers' median, |.| >= {self.threshold:g})"
             )
             extra = {"from": ref.get(name, self.metric), "to": now.get(name, self.metric), "change": c}
@@ -234,7 +331,7 @@ class AlphaCrossingRule:
                 continue
             if a0 >= self.threshold > a1 and a0 - a1 >= self.min_drop:
                 message = (
-                    f"{name}: alpha fell from {a0:.3g} (step {ref.step}) to {a1:.3g}, "
+                    f"{name}: alpha fell from {a0:.3g} (step {ref.step_of(name)}) to {a1:.3g}, "
                     f"below {self.threshold:g} (drop {a0 - a1:.2f} >= {self.min_drop:g})"
                 )
                 out.append(_alarm(self, name, a1, self.threshold, message, ref, now, **{"from": a0, "to": a1}))
@@ -260,7 +357,7 @@ class NewTrapsRule:
             t0, t1 = ref.get(name, "num_traps"), now.get(name, "num_traps")
             if t0 != 0 or not (t1 >= self.min_traps):  # -1 (test off) and NaN never fire
                 continue
-            message = f"{name}: {t1:.0f} correlation traps, none at step {ref.step} (>= {self.min_traps})"
+            message = f"{name}: {t1:.0f} correlation traps, none at step {ref.step_of(name)} (>= {self.min_traps})"
             out.append(_alarm(self, name, t1, float(self.min_traps), message, ref, now, **{"from": t0, "to": t1}))
         return out
 
@@ -307,7 +404,7 @@ class CorrelationFlowRule:
             if abs(rel) < self.threshold or abs(changes[i]) < max(abs(c) for c in nbrs):
                 continue
             message = (
-                f"{name}: alpha changed by {changes[i]:+.2f} since step {ref.step}, its neighbours by "
+                f"{name}: alpha changed by {changes[i]:+.2f} since step {ref.step_of(name)}, its neighbours by "
                 f"{sum(nbrs) / len(nbrs):+.2f} on average (break {rel:+.2f}, |.| >= {self.threshold:g})"
             )
             extra: dict[str, Any] = {"from": ref.get(name, "alpha"), "to": now.get(name, "alpha")}

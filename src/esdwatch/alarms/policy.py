@@ -13,10 +13,11 @@ threshold. :class:`AlarmPolicy` adds what needs history:
   been seen on ``patience["phase_transition"]`` consecutive snapshots; the first known
   phase of a layer sets its baseline silently. The history of confirmed transitions is
   kept (``history``).
-* history rules (:mod:`esdwatch.alarms.history`): the last few snapshots are kept
-  (compactly, :class:`~esdwatch.alarms.history.Snapshot`) and the history rules among
-  ``rules`` judge the change since a reference snapshot; their alarms go through the same
-  patience counters.
+* history rules (:mod:`esdwatch.alarms.history`): each layer's last few analyses are kept
+  (compactly, :class:`~esdwatch.alarms.history.LayerHistory`) and the history rules among
+  ``rules`` judge each layer's change since its analysis ``window`` analyses back (under a
+  layer rotation too); their alarms, on the layers analysed in the snapshot, go through the
+  same patience counters.
 * ``actions`` per kind: ``"log"`` (a log line at the alarm's severity), ``"warn"`` (a
   Python warning plus the log line), ``"stop"`` (ask the trainer to stop, decided
   identically on every rank by the caller) or any callable ``(trainer, alarm) -> None``.
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from esdwatch.alarms.advice import advise
-from esdwatch.alarms.history import DEFAULT_HISTORY_RULES, HistoryRule, Snapshot, evaluate_history
+from esdwatch.alarms.history import DEFAULT_HISTORY_RULES, HistoryRule, LayerHistory, Snapshot
 from esdwatch.alarms.rules import (
     ALARM_KINDS,
     DEFAULT_RULES,
@@ -128,8 +129,8 @@ class AlarmPolicy:
                 raise TypeError(f"an alarm rule must be an AlarmRule or a HistoryRule, got {rule!r}")
             history.append(rule)
         self.history_rules: tuple[HistoryRule, ...] = tuple(history)
-        #: the recent snapshots the history rules read, oldest first
-        self.snapshots: list[Snapshot] = []
+        #: each layer's last analyses, as the history rules read them
+        self.layer_history = LayerHistory(1 + max((r.window for r in history), default=1))
         self._patience: dict[str, int] = {k: DEFAULT_PATIENCE_BY_KIND.get(k, DEFAULT_PATIENCE) for k in ALARM_KINDS}
         if isinstance(patience, Mapping):
             for kind, p in patience.items():
@@ -176,13 +177,12 @@ class AlarmPolicy:
         subset): their counters and phases are kept as they are, like a failed layer's.
         """
         reports = list(reports)
-        raised = evaluate_alarms(reports, self.rules, step=step)
-        if self.history_rules:
-            self._remember(Snapshot.from_reports(reports, step))
-            raised += evaluate_history(self.snapshots, self.history_rules)
-        by_key = {(a.kind, a.layer): a for a in raised}
         kept = set(kept)
         present = {r.name for r in reports} | kept
+        raised = evaluate_alarms(reports, self.rules, step=step)
+        if self.history_rules:
+            raised += self._history_alarms(reports, step, present)
+        by_key = {(a.kind, a.layer): a for a in raised}
         frozen = {r.name for r in reports if r.status == STATUS_FAILED} | kept
         fired: list[Alarm] = []
         for key, alarm in by_key.items():
@@ -206,10 +206,17 @@ class AlarmPolicy:
         self.fired_total += len(fired)
         return fired
 
-    def _remember(self, snapshot: Snapshot) -> None:
-        self.snapshots.append(snapshot)
-        keep = 1 + max(rule.window for rule in self.history_rules)
-        del self.snapshots[:-keep]
+    def _history_alarms(self, reports: Sequence[LayerReport], step: int | None, present: set[str]) -> list[Alarm]:
+        """The history rules' alarms on the layers analysed now, each judged on its own analyses."""
+        self.layer_history.keep_only(present)
+        self.layer_history.add(reports, step)
+        analysed = {r.name for r in reports if r.status == STATUS_OK}
+        views: dict[int, list[Snapshot]] = {}
+        out: list[Alarm] = []
+        for rule in self.history_rules:
+            view = views.setdefault(rule.window, self.layer_history.view(rule.window, step))
+            out += [a for a in rule.check_history(view) if a.layer in analysed]
+        return out
 
     def _update_phases(self, reports: Sequence[LayerReport], step: int | None) -> list[Alarm]:
         out: list[Alarm] = []
@@ -259,7 +266,7 @@ class AlarmPolicy:
             "phases": {k: dict(v) for k, v in self.phases.items()},
             "history": {k: [list(t) for t in v] for k, v in self.history.items()},
             "fired_total": self.fired_total,
-            "snapshots": [s.to_dict() for s in self.snapshots],
+            "layer_history": self.layer_history.to_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -267,20 +274,30 @@ class AlarmPolicy:
         self.phases = {k: dict(v) for k, v in state.get("phases", {}).items()}
         self.history = {k: [list(t) for t in v] for k, v in state.get("history", {}).items()}
         self.fired_total = int(state.get("fired_total", 0))
-        self.snapshots = [Snapshot.from_dict(s) for s in state.get("snapshots", [])]
+        if "layer_history" in state:
+            self.layer_history.load(state["layer_history"])
+        else:  # a checkpoint from before the history was per layer: its recent snapshots
+            self.layer_history.load_snapshots(Snapshot.from_dict(s) for s in state.get("snapshots", []))
 
 
 def replay(records: Iterable[LayerRecord], policy: AlarmPolicy | None = None) -> list[Alarm]:
     """The alarms ``policy`` (default: a fresh default one) fires on recorded snapshots, in step order.
 
     ``records``: e.g. :func:`esdwatch.rundir.read_records` of a run directory; the records
-    of one step form one snapshot. What a live monitor with the same policy would have fired.
+    of one step form one snapshot, and a layer recorded earlier but not at a step was not
+    analysed there (a layer rotation): its counters, phase and history are kept, as the live
+    monitor keeps them. What a live monitor with the same policy would have fired.
     """
     policy = AlarmPolicy() if policy is None else policy
     by_step: dict[int, list[LayerReport]] = {}
     for rec in records:
         by_step.setdefault(int(rec.global_step), []).append(rec.report)
     fired: list[Alarm] = []
+    seen: dict[str, None] = {}
     for step in sorted(by_step):
-        fired.extend(policy.update(by_step[step], step))
+        reports = by_step[step]
+        seen.update((r.name, None) for r in reports)
+        # a layer seen before but not recorded at this step was not analysed (a rotation): kept, as live
+        analysed = {r.name for r in reports}
+        fired.extend(policy.update(reports, step, kept=[n for n in seen if n not in analysed]))
     return fired
