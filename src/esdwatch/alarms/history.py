@@ -16,12 +16,17 @@ each rule a two-snapshot history (:meth:`LayerHistory.view`): every layer's late
 and its analysis ``window`` analyses of that layer back. Without a layer rotation that is
 exactly "the snapshot ``window`` back". With one (``layers_per_snapshot``, each layer
 analysed every few snapshots) a snapshot ``window`` back holds other layers, so the rules
-would compare nothing; the per-layer view compares each layer with its own earlier
-analyses, and the other layers' changes (the median of :class:`ScaleJumpRule`, the
-neighbours of :class:`CorrelationFlowRule`) are their latest ones. Only layers whose change
-spans as many analyses as the longest present are judged together, so layers analysed
-twice are not set against layers analysed four times (a steady growth would look like a
-jump); the policy keeps the alarms of the layers analysed in the current snapshot.
+would compare nothing; the per-layer view compares each layer with its own analysis
+``window`` analyses back, and the other layers' changes (the median of
+:class:`ScaleJumpRule`, the neighbours of :class:`CorrelationFlowRule`) are their latest
+ones. Every layer's change spans the same number of its analyses (``window``, fewer while
+some layer has fewer behind it), so a steady growth does not look like a jump of the layer
+analysed most often, and nothing is judged until every layer has been analysed twice (the
+first round of a rotation); the policy keeps the alarms of the layers analysed in the
+current snapshot. Counting in analyses keeps the patience working (a lasting change stays
+raised for ``window`` analyses of the layer) and makes each layer of a rotation behave as
+under a sparser schedule: a comparison spans more steps, so it sees larger changes
+(measured in ``experiments/results/alarm_lead_time.md``).
 
 Default history rules (:data:`DEFAULT_HISTORY_RULES`), measured in
 ``experiments/results/alarm_lead_time.md``
@@ -163,24 +168,35 @@ def _metrics(report: LayerReport) -> dict[str, float]:
     return {m: _num(getattr(report, m, math.nan)) if ok else math.nan for m in HISTORY_METRICS}
 
 
+@dataclass
+class _Analysis:
+    """One analysis of a layer: its step, the number of the snapshot it was in, its numbers."""
+
+    step: int | None
+    snapshot: int
+    values: dict[str, float]
+
+
 class LayerHistory:
-    """Each layer's last ``depth`` analyses (step and :data:`HISTORY_METRICS`), in the model's order.
+    """Each layer's last ``depth`` analyses (step, snapshot number, :data:`HISTORY_METRICS`), in the model's order.
 
     :meth:`view` is what a history rule judges (module docstring). A failed or degenerate
-    analysis counts as an analysis with unknown values, so "``window`` analyses back" means
-    the same as "``window`` snapshots back" when every snapshot analyses every layer.
+    analysis counts as an analysis with unknown values, so "``window`` analyses back" is
+    "``window`` snapshots back" when every snapshot analyses every layer.
     """
 
     def __init__(self, depth: int):
         self.depth = max(2, int(depth))
-        self.entries: dict[str, list[tuple[int | None, dict[str, float]]]] = {}
+        self.snapshots = 0  # snapshots added so far
+        self.entries: dict[str, list[_Analysis]] = {}
 
     def add(self, reports: Iterable[LayerReport], step: int | None) -> None:
         """The analyses of one snapshot (a subset of the layers under a rotation)."""
         for r in reports:
             kept = self.entries.setdefault(r.name, [])
-            kept.append((step, _metrics(r)))
+            kept.append(_Analysis(step, self.snapshots, _metrics(r)))
             del kept[: -self.depth]
+        self.snapshots += 1
 
     def keep_only(self, layers: Iterable[str]) -> None:
         """Forget the layers not in ``layers`` (removed from the model)."""
@@ -191,44 +207,58 @@ class LayerHistory:
     def view(self, window: int, step: int | None) -> list[Snapshot]:
         """``[reference, current]`` for a rule looking ``window`` analyses back (``[]``: nothing to compare).
 
-        Each layer's span is ``min(window, its analyses - 1)``; the layers with the longest
-        span are in the view: current = their latest analysis, reference = the one ``span``
-        analyses before it. ``step``: the current snapshot's step.
+        Every layer is compared over the same number of its own analyses, the span:
+        ``window``, or fewer while some layer has fewer analyses behind it; nothing before
+        every layer has two (the first round of a rotation). A layer analysed for the first
+        time in the current snapshot is left out (it has no change yet). Current = each
+        layer's latest analysis, reference = the one ``span`` analyses before it. ``step``:
+        the current snapshot's step.
         """
-        spans = {n: min(int(window), len(e) - 1) for n, e in self.entries.items()}
-        top = max(spans.values(), default=0)
-        if top < 1:
+        judged = {n: e for n, e in self.entries.items() if not (len(e) == 1 and e[0].snapshot == self.snapshots - 1)}
+        span = min([int(window), *(len(e) - 1 for e in judged.values())])
+        if span < 1:
             return []
-        names = [n for n, span in spans.items() if span == top]
-        ref = {n: self.entries[n][-1 - top] for n in names}
-        now = {n: self.entries[n][-1] for n in names}
-        ref_steps = {n: s for n, (s, _) in ref.items()}
-        known = [s for s in ref_steps.values() if s is not None]
+        ref = {n: e[-1 - span] for n, e in judged.items()}
+        now = {n: e[-1] for n, e in judged.items()}
+        known = [a.step for a in ref.values() if a.step is not None]
         return [
-            Snapshot(min(known) if known else None, {n: v for n, (_, v) in ref.items()}, ref_steps),
-            Snapshot(step, {n: v for n, (_, v) in now.items()}, {n: s for n, (s, _) in now.items()}),
+            Snapshot(min(known) if known else None, _values(ref), {n: a.step for n, a in ref.items()}),
+            Snapshot(step, _values(now), {n: a.step for n, a in now.items()}),
         ]
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            n: [[s, {m: (v if math.isfinite(v) else None) for m, v in d.items()}] for s, d in e]
-            for n, e in self.entries.items()
+            "snapshots": self.snapshots,
+            "layers": {
+                n: [
+                    [a.step, a.snapshot, {m: (v if math.isfinite(v) else None) for m, v in a.values.items()}] for a in e
+                ]
+                for n, e in self.entries.items()
+            },
         }
 
     def load(self, data: Mapping[str, Any]) -> None:
+        self.snapshots = int(data.get("snapshots", 0))
         self.entries = {
-            n: [(s, {m: _num(math.nan if v is None else v) for m, v in d.items()}) for s, d in e][-self.depth :]
-            for n, e in data.items()
+            n: [_Analysis(s, int(k), {m: _num(math.nan if v is None else v) for m, v in d.items()}) for s, k, d in e][
+                -self.depth :
+            ]
+            for n, e in data.get("layers", {}).items()
         }
 
     def load_snapshots(self, snapshots: Iterable[Snapshot]) -> None:
         """Rebuild from the snapshots a checkpoint kept before the history was per layer."""
-        self.entries = {}
+        self.entries, self.snapshots = {}, 0
         for snap in snapshots:
             for name, values in snap.layers.items():
                 kept = self.entries.setdefault(name, [])
-                kept.append((snap.step, dict(values)))
+                kept.append(_Analysis(snap.step, self.snapshots, dict(values)))
                 del kept[: -self.depth]
+            self.snapshots += 1
+
+
+def _values(analyses: Mapping[str, _Analysis]) -> dict[str, Mapping[str, float]]:
+    return {n: a.values for n, a in analyses.items()}
 
 
 def _pair(history: Sequence[Snapshot], window: int) -> tuple[Snapshot, Snapshot] | None:
