@@ -366,3 +366,17 @@ def test_without_a_rotation_the_per_layer_view_judges_exactly_the_snapshot_windo
             assert new == old, (k, rule.kind)
             compared += len(old)
     assert compared > 50  # the rules did fire on these histories
+
+
+def test_replay_forgets_a_layer_missing_for_longer_than_a_rotation_can_leave_it_out():
+    """A layer recorded once and then never again (removed) does not hold the history rules
+    back for the rest of the run: after as many snapshots as there are layers it is gone."""
+    records = [LayerRecord(0, 0, 0.0, report("tmp"))]
+    for s in range(1, 12):
+        norm = 0.1 if s >= 8 else 1.0  # fc2 drops at snapshot 8
+        records += [LayerRecord(s, 0, 0.0, report(n, log_spectral_norm=norm if n == "fc2" else 1.0)) for n in LAYERS3]
+    got = [(a.step, a.kind, a.layer) for a in replay(records, AlarmPolicy(phase_transitions=False))]
+    assert got == [(8, SCALE_COLLAPSE, "fc2")]
+
+
+LAYERS3 = ("fc1", "fc2", "fc3")

@@ -286,18 +286,21 @@ def replay(records: Iterable[LayerRecord], policy: AlarmPolicy | None = None) ->
     ``records``: e.g. :func:`esdwatch.rundir.read_records` of a run directory; the records
     of one step form one snapshot, and a layer recorded earlier but not at a step was not
     analysed there (a layer rotation): its counters, phase and history are kept, as the live
-    monitor keeps them. What a live monitor with the same policy would have fired.
+    monitor keeps them, unless it has been missing for more snapshots than there are layers
+    (a rotation takes every layer within that many; such a layer was removed). What a live
+    monitor with the same policy would have fired.
     """
     policy = AlarmPolicy() if policy is None else policy
     by_step: dict[int, list[LayerReport]] = {}
     for rec in records:
         by_step.setdefault(int(rec.global_step), []).append(rec.report)
     fired: list[Alarm] = []
-    seen: dict[str, None] = {}
-    for step in sorted(by_step):
+    last_seen: dict[str, int] = {}  # layer -> the snapshot it was last recorded in
+    for k, step in enumerate(sorted(by_step)):
         reports = by_step[step]
-        seen.update((r.name, None) for r in reports)
-        # a layer seen before but not recorded at this step was not analysed (a rotation): kept, as live
-        analysed = {r.name for r in reports}
-        fired.extend(policy.update(reports, step, kept=[n for n in seen if n not in analysed]))
+        last_seen.update((r.name, k) for r in reports)
+        # a layer recorded earlier but not now was not analysed (a rotation): kept, as live; a rotation
+        # takes every layer within as many snapshots as there are layers, so one missing longer is gone
+        kept = [n for n, seen in last_seen.items() if seen < k and k - seen <= len(last_seen)]
+        fired.extend(policy.update(reports, step, kept=kept))
     return fired
