@@ -26,7 +26,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -66,8 +65,9 @@ def ww_worker(fit: str, first: int | None, out: str) -> None:
     with contextlib.redirect_stdout(io.StringIO()):  # powerlaw 1.5 prints its x_min scan's progress
         d = ww.WeightWatcher(model=model).analyze(fit=fit, pl_package="powerlaw", randomize=False)
     seconds = time.perf_counter() - t0
-    rows = {
-        str(r["name"]): {k: float(r[k]) for k in ("xmin", "alpha", "Lambda", "num_pl_spikes")} for _, r in d.iterrows()
+    rows = {  # longname: the module's path in the model, as esdwatch names layers ("name" is its last part)
+        str(r["longname"]): {k: float(r[k]) for k in ("xmin", "alpha", "Lambda", "num_pl_spikes")}
+        for _, r in d.iterrows()
     }
     Path(out).write_text(json.dumps({"powerlaw": powerlaw.__version__, "seconds": seconds, "layers": rows}))
 
@@ -159,16 +159,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     first = 2 if s.mode == "smoke" else None
     model = minilm(first)
-    with tempfile.TemporaryDirectory(prefix="esdwatch-ww-") as tmp:
-        # both fits at once, one thread each (a 2-core machine); esdwatch runs after them
-        procs = {fit: run_weightwatcher(fit, first, powerlaw_dir, Path(tmp)) for fit in FITS}
-        ww = {}
-        for fit, proc in procs.items():
-            _, err = proc.communicate(timeout=3 * 3600)
-            if proc.returncode != 0:
-                print(err[-3000:])
-                return 1
-            ww[fit] = json.loads(Path(tmp, f"ww_{fit}.json").read_text())
+    # weightwatcher's output is kept in the log directory (--log-dir keeps it after the run)
+    tmp = s.logs.root
+    # both fits at once, one thread each (a 2-core machine); esdwatch runs after them
+    procs = {fit: run_weightwatcher(fit, first, powerlaw_dir, tmp) for fit in FITS}
+    ww = {}
+    for fit, proc in procs.items():
+        _, err = proc.communicate(timeout=3 * 3600)
+        if proc.returncode != 0:
+            print(err[-3000:])
+            s.logs.close()
+            return 1
+        ww[fit] = json.loads(Path(tmp, f"ww_{fit}.json").read_text())
     s.res.add(
         "## Setup\n\n"
         f"weightwatcher 0.7.7 `analyze(fit=..., randomize=False)` against powerlaw {ww['TPL']['powerlaw']} "
@@ -182,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdict = []
     for fit in FITS:
         rows, st = compare(fit, ww[fit], model)
+        if not st["matrices"]:
+            print(f"fit={fit}: no matrix of esdwatch matched one of weightwatcher's: {sorted(ww[fit]['layers'])[:5]}")
+            s.logs.close()
+            return 1
         s.res.add(f'## fit="{fit}"\n\n' + common.md_table(HEADERS, rows))
         line = (
             f'fit="{fit}": {st["matrices"]} matrices compared; above the same x_min, max relative difference '
@@ -196,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     s.res.add("## Verdict\n\n" + "\n".join(verdict))
     s.res.write()
+    s.logs.close()
     return 0
 
 
