@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -225,3 +226,47 @@ def test_max_evals_routes_to_the_tail_path_instead_of_skipping():
     assert [s.reason for s in exact.skipped] == ["M=400 > max_evals=300"]
     auto = analyze(model, max_evals=300, spectrum="auto", traps=False)
     assert not auto.skipped and len(auto.layers) == 1 and auto.layers[0].ok
+
+
+def test_the_strict_rule_never_certifies_while_every_ritz_value_is_certified():
+    """With every Ritz value certified no node carries the bulk: the scan would see only the
+    top values and miss a lower x_min. A Pareto sample whose full scan takes about half the
+    values: its top 100 alone, as if certified, pick a short tail; the rule must not hold."""
+    from esdwatch.engine.tail import TopSpectrum, xmin_rule
+
+    rng = np.random.default_rng(0)
+    evals = np.sort((1.0 - rng.random(1000)) ** (-1.0 / 1.5))[::-1]  # Pareto, alpha 2.5, descending
+    full = fit_power_law(evals)
+    top = evals[:100]
+    ts = TopSpectrum(
+        values=top,
+        bounds=np.zeros(100),
+        ritz=top.copy(),
+        weights=np.ones(100),
+        trace=float(evals.sum()),
+        M=1000,
+        basis=100,
+        matvecs=100,
+        complete=False,
+    )
+    assert full.n_tail > 100  # the true x_min is below the "certified" part
+    done, _ = xmin_rule(ts, fit_power_law(top))
+    assert not done
+    # the same top with uncertified nodes below it carrying the rest of the mass: judged as before
+    ritz = np.concatenate([top, evals[100::50]])
+    weights = np.concatenate([np.ones(100), np.full(ritz.size - 100, 900 / (ritz.size - 100))])
+    with_bulk = dataclasses.replace(ts, ritz=ritz, weights=weights)
+    done, fit = xmin_rule(with_bulk, fit_power_law(top))
+    assert not done and fit.n_tail > 100  # the scan now sees the candidates below the certified part
+
+
+def test_auto_falls_back_on_a_very_heavy_tailed_layer_whose_ritz_values_all_certify():
+    """The 4096 x 4096 matrix that exposed it (i.i.d. Pareto entries, mu drawn in [1, 2]):
+    every Ritz value certified at 448 vectors; "auto" must give the exact path's fit."""
+    from esdwatch.engine import synthetic
+
+    W = synthetic.heavy_tailed(4096, 4096, seed=0).float()
+    exact = analyze_matrix(W, traps=False, spectrum="exact")
+    auto = analyze_matrix(W, traps=False, spectrum="auto")
+    assert (auto.n_tail, auto.xmin) == (exact.n_tail, pytest.approx(exact.xmin, rel=1e-6))
+    assert auto.alpha == pytest.approx(exact.alpha, abs=1e-6)

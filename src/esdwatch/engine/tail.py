@@ -447,13 +447,21 @@ def xmin_rule(ts: TopSpectrum, previous: PowerLawFit | None) -> tuple[bool, Powe
     The Clauset-Shalizi-Newman scan runs over every value of the pseudo-spectrum (certified
     top plus the quadrature bulk), so candidates below the certified part compete with
     their estimated values; the rule holds when the winner is a certified value and is the
-    same as at the previous checkpoint. alpha, D and n_tail of a certified x_min depend only
-    on the certified values (the fit returned is that of the certified values).
+    same as at the previous checkpoint, and never while every Ritz value is certified (no
+    uncertified node carries a bulk estimate, so nothing below the certified part would
+    compete). alpha, D and n_tail of a certified x_min depend only on the certified values
+    (the fit returned is that of the certified values).
     """
     values = ts.values
     full = fit_power_law(pseudo_spectrum(ts))
     fit = fit_power_law(values, xmin=full.xmin) if full.ok and values.size else full
-    inside = full.ok and values.size >= 4 and full.xmin >= values[-1] and full.n_tail <= values.size
+    # the candidates below the certified part compete only through the quadrature bulk, which
+    # the uncertified Ritz nodes carry: with every node certified the bulk is empty (zeros), the
+    # scan sees only the certified values, and a lower x_min would go unseen (a 4096 x 4096
+    # Pareto-entry matrix, mu ~ 1.5: every Ritz value certified at 448 vectors, x_min picked at
+    # n_tail 78, the full scan's at 939)
+    has_bulk = ts.complete or bool(np.clip(ts.weights[ts.num_certified :], 0.0, None).sum() > 0)
+    inside = full.ok and has_bulk and values.size >= 4 and full.xmin >= values[-1] and full.n_tail <= values.size
     # the same order statistic; its value moves by rounding between checkpoints
     stable = (
         previous is not None
