@@ -121,12 +121,7 @@ class Snapshot:
     @classmethod
     def from_reports(cls, reports: Iterable[LayerReport], step: int | None) -> Snapshot:
         """The ``ok`` layers of one analysis (a failed or degenerate layer is unknown here)."""
-        layers = {
-            r.name: {m: _num(getattr(r, m, math.nan)) for m in HISTORY_METRICS}
-            for r in reports
-            if r.status == STATUS_OK
-        }
-        return cls(step, layers)
+        return cls(step, {r.name: _metrics(r) for r in reports if r.status == STATUS_OK})
 
     def get(self, layer: str, metric: str) -> float:
         return _num(self.layers.get(layer, {}).get(metric, math.nan))

@@ -214,8 +214,9 @@ class AlarmPolicy:
         views: dict[int, list[Snapshot]] = {}
         out: list[Alarm] = []
         for rule in self.history_rules:
-            view = views.setdefault(rule.window, self.layer_history.view(rule.window, step))
-            out += [a for a in rule.check_history(view) if a.layer in analysed]
+            if rule.window not in views:
+                views[rule.window] = self.layer_history.view(rule.window, step)
+            out += [a for a in rule.check_history(views[rule.window]) if a.layer in analysed]
         return out
 
     def _update_phases(self, reports: Sequence[LayerReport], step: int | None) -> list[Alarm]:

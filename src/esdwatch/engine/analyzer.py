@@ -246,11 +246,10 @@ def _dense_method(mat: LayerMatrix, config: AnalysisConfig, tail: TailLayer | No
 
     Unless its tail attempt already saw the spectrum reach below ``MIXED_ZERO_FLOOR``
     lambda_max (the smallest Ritz value lies above the smallest eigenvalue, by Cauchy
-    interlacing): the mixed route's guard would compute it again with the float64 product
-    (a rank-300 8192 x 4096 layer: 9.9 s under ``"auto"`` before, 6.7 s now, 5.0 s exact, two
-    threads). The attempt sees a null space only when its basis exceeds the rank; a
-    collapsed layer of higher rank still pays for both products (rank 1000 and 2000:
-    8.6 s and 8.3 s against 4.7 s and 4.6 s exact).
+    interlacing): the mixed route's guard would compute it again with the float64 product.
+    The attempt sees a null space only when its basis exceeds the rank, so a collapsed
+    layer of higher rank still pays for both products (figures:
+    experiments/results/engine_design_notes.md).
     """
     auto = config.spectrum == "auto" and config.method == "auto" and config.dtype == torch.float64
     if auto and mat.num_slices == 1 and mat.kind != "lora" and mat.N >= AUTO_MIXED_MIN_Q * mat.M:
